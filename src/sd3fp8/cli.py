@@ -1,0 +1,171 @@
+"""`sd3fp8` command line: a thin adapter that builds configuration and calls the engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, SD3FP8Error
+from .policy import Policy
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line (no usage dump) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and precision")
+    g.add_argument("--model", type=Path, help="diffusers-format SD3/SD3.5 folder (default: the bundled model)")
+    g.add_argument("--precision", help="transformer storage: fp8 (= fp8-e4m3), fp8-e5m2, bf16, fp16, fp32 (default fp8)")
+    g.add_argument("--t5", help="T5-XXL encoder: fp8, bf16, fp16, fp32 or off (default: compute dtype)")
+    g.add_argument("--granularity", help="FP8 weight scales: tensor or channel (default channel)")
+    g.add_argument("--policy", type=Path, help="precision policy file (JSON or TOML); the flags above override it")
+    g.add_argument("--exclude", action="append", help="keep transformer modules matching this pattern in 16 bit (repeatable; adds to the policy)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--backend", default="auto", help="FP8 linears: auto, scaled-mm, weight-only (default auto)")
+    g.add_argument("--force-fp8", action="store_true", help="run scaled-mm (FP8 GEMM) even without FP8 tensor cores")
+    g.add_argument("--activation", default="tensor", help="dynamic activation scales for scaled-mm: tensor or row")
+    g.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16; fp32 on CPUs without bf16), bf16, fp16, fp32")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--offload", default="none", help="none or model (diffusers model CPU offload; needs a GPU)")
+
+
+def build_policy(args) -> Policy:
+    policy = Policy.load(args.policy) if args.policy else Policy()
+    changes = {}
+    if args.precision:
+        changes["transformer"] = args.precision
+    if args.t5:
+        changes["text_encoder_3"] = args.t5
+    if args.granularity:
+        changes["granularity"] = args.granularity
+    if args.exclude:
+        changes["exclude"] = policy.exclude + tuple(args.exclude)
+    return policy.replace(**changes) if changes else policy
+
+
+def build_engine(args):
+    from .pipeline import RuntimeConfig, SD3FP8Pipeline
+
+    runtime = RuntimeConfig(
+        device=args.device, dtype=args.dtype, backend=args.backend, force_fp8=args.force_fp8,
+        activation=args.activation, offload=args.offload,
+    )
+    return SD3FP8Pipeline.from_pretrained(args.model, build_policy(args), runtime)
+
+
+def output_paths(out: Path | None, seeds: list[int]) -> list[Path]:
+    if out is None:
+        return [Path(f"sd3fp8-{s}.png") for s in seeds]
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out must name a .png file, got {out}")
+    if len(seeds) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(seeds))]
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from .pipeline import validate_request
+    from .pnginfo import save_png
+
+    # Cheap checks first: a bad size should not cost a model load (None = the model's default).
+    def given(value, placeholder):
+        return placeholder if value is None else value
+
+    validate_request(given(args.steps, 1), given(args.cfg, 0.0), given(args.width, 16), given(args.height, 16), args.batch)
+    paths = output_paths(args.out, [args.seed + i for i in range(args.batch)])
+    engine = build_engine(args)
+    bar = None
+
+    def on_step(info):
+        nonlocal bar
+        bar = bar or tqdm(total=info["total"], desc="denoising", unit="step", disable=args.quiet)
+        bar.update(1)
+
+    result = engine(
+        args.prompt, args.negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
+        width=args.width, height=args.height, batch=args.batch, callback=on_step,
+    )
+    if bar is not None:
+        bar.close()
+    for image, params, path in zip(result.images, result.parameters, paths):
+        save_png(image, path, params)
+        print(f"wrote {path} (seed {params['seed']}, {params['precision']}, {params['backend']}, {result.seconds:.1f} s)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspection import format_report, inspect_pipeline
+
+    if args.path is not None:
+        args.model = args.path
+    report = inspect_pipeline(build_engine(args), layers=args.layers)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sd3fp8", description="FP8 inference for Stable Diffusion 3.5")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("generate", help="generate images from a prompt")
+    p.add_argument("prompt")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's recipe)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's recipe)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch", type=int, default=1, help="images per prompt")
+    p.add_argument("--out", type=Path, help="output PNG (a batch gets -0, -1, ... suffixes)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="show components, dtypes and per-layer FP8 recipes")
+    p.add_argument("path", nargs="?", type=Path, help="model folder (default: the bundled model)")
+    p.add_argument("--layers", action="store_true", help="list every weight-owning module")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers print loading bars and advice on every load: keep our output readable."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    try:
+        return args.func(args)
+    except SD3FP8Error as e:
+        print(f"sd3fp8: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sd3fp8: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

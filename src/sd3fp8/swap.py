@@ -1,0 +1,44 @@
+"""The one module swap: nn.Linear -> FP8Linear for the modules a name filter selects."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .fp8 import FP8Format, Granularity
+from .linear import ActivationScaling, Backend, FP8Linear
+
+
+def quantize_linears(
+    model: nn.Module,
+    should_quantize: Callable[[str], bool],
+    fmt: FP8Format = FP8Format.E4M3,
+    granularity: Granularity = Granularity.CHANNEL,
+    backend: Backend | str = Backend.AUTO,
+    *,
+    device: torch.device | str | None = None,
+    force_fp8: bool = False,
+    activation: ActivationScaling | str = ActivationScaling.TENSOR,
+) -> list[str]:
+    """Replace, in place, every nn.Linear whose qualified name passes ``should_quantize``.
+
+    Each old weight is released as soon as its FP8 copy exists, so peak memory is the model
+    plus one layer. Returns the names of the swapped modules, in model order.
+    """
+    targets = [name for name, m in model.named_modules() if type(m) is nn.Linear and should_quantize(name)]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        fp8 = FP8Linear.from_linear(
+            linear, fmt, granularity, backend, activation=activation, force_fp8=force_fp8, device=device, name=name
+        )
+        setattr(parent, child, fp8)
+    return targets
+
+
+def fp8_layers(model: nn.Module) -> dict[str, FP8Linear]:
+    """All FP8Linear modules of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}

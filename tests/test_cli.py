@@ -1,0 +1,114 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sd3fp8 import cli, models
+from sd3fp8.pnginfo import read_parameters
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_writes_pngs_that_carry_their_parameters(tiny_model, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    code, stdout, _ = run(capsys, "generate", "a small red circle", "--model", tiny_model, "--steps", 2,
+                          "--width", 32, "--height", 32, "--seed", 11, "--batch", 2, "--negative", "blurry",
+                          "--out", out, "--dtype", "fp32", "-q")
+    assert code == 0
+    paths = [tmp_path / "img-0.png", tmp_path / "img-1.png"]
+    assert all(p.exists() for p in paths) and "wrote" in stdout
+    params = [read_parameters(p) for p in paths]
+    assert [p["seed"] for p in params] == [11, 12]
+    first = params[0]
+    assert first["prompt"] == "a small red circle" and first["negative_prompt"] == "blurry"
+    assert (first["steps"], first["width"], first["height"]) == (2, 32, 32)
+    assert first["precision"] == "fp8-e4m3" and first["backend"] == "weight-only"
+    assert first["model"] == str(tiny_model) and first["policy"]["transformer"] == "fp8-e4m3"
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_png_parameters_reproduce_the_image(tiny_model, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["--model", tiny_model, "--steps", 2, "--width", 32, "--height", 32, "--dtype", "fp32", "-q"]
+    run(capsys, "generate", "a green star", "--seed", 5, "--out", a, *common)
+    p = read_parameters(a)
+    run(capsys, "generate", p["prompt"], "--seed", p["seed"], "--out", b, *common)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--width", "100"], "width must be a multiple of 16"),
+        (["--height", "100000"], "height must be a multiple of 16"),
+        (["--steps", "0"], "steps must be"),
+        (["--precision", "int3"], "unknown precision 'int3'"),
+        (["--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+        (["--granularity", "block"], "unknown scale granularity"),
+        (["--model", "/nonexistent/model"], "does not exist"),
+        (["--offload", "model", "--device", "cpu"], "needs a GPU"),
+        (["--out", "x.jpg"], "--out must name a .png"),
+        (["--policy", "/nonexistent.json"], "cannot read policy file"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_model, tmp_path, capsys, args, message):
+    if "--model" not in args:
+        args = args + ["--model", str(tiny_model)]
+    code, stdout, stderr = run(capsys, "generate", "x", "--steps", "1", "--width", "32", "--height", "32", *args)
+    assert code == 2
+    assert message in stderr and stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_unknown_option_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "x", "--colour", "red"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --colour red" in err and err.count("\n") == 1
+
+
+def test_inspect_default_model_and_layers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path)
+    code, out, _ = run(capsys, "inspect", "--layers", "--dtype", "fp32")
+    assert code == 0
+    assert str(tmp_path / models.DEFAULT_MODEL_NAME) in out
+    assert "transformer     MMDiT   fp8-e4m3" in out
+    assert "transformer_blocks.0.attn.to_q" in out and "FP8Linear" in out and "channel scale" in out
+    assert "proj_out" in out  # listed, and kept 16-bit by the default policy
+
+
+def test_inspect_json_reflects_overrides(tiny_model, capsys):
+    code, out, _ = run(capsys, "inspect", tiny_model, "--json", "--precision", "bf16", "--t5", "off")
+    report = json.loads(out)
+    assert code == 0
+    assert report["components"]["transformer"]["precision"] == "bf16"
+    assert report["components"]["transformer"]["fp8_layers"] == 0
+    assert report["components"]["text_encoder_3"] is None
+
+
+def test_policy_file_and_exclude_flag(tiny_model, tmp_path, capsys):
+    policy = tmp_path / "p.toml"
+    policy.write_text('granularity = "tensor"\nexclude = ["proj_out", "norm_out", "time_text_embed", "context_embedder"]\n')
+    code, out, _ = run(capsys, "inspect", tiny_model, "--json", "--layers", "--policy", policy, "--exclude", "*.ff")
+    rows = {r["name"]: r for r in json.loads(out)["components"]["transformer"]["layers"]}
+    assert code == 0
+    assert rows["transformer_blocks.0.attn.to_q"]["granularity"] == "tensor"
+    assert rows["transformer_blocks.0.ff.net.2"]["dtype"] == "float32"
+
+
+def test_console_entry_point_exits_non_zero_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd3fp8.cli", "generate", "x", "--model", str(tmp_path / "missing")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("sd3fp8: error:") and "Traceback" not in proc.stderr
