@@ -19,7 +19,7 @@ pip_install() {  # pip, minus the warnings this machine's local index prints by 
   return $rc
 }
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
+if ! "$PY" -W ignore -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: CUDA GPU found: installing torch with CUDA"
     pip_install "torch>=2.4"
@@ -29,7 +29,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     pip_install "torch==$TORCH_VERSION+cpu" || pip_install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"$PY" -c "import torch" || { echo "setup: torch failed to install" >&2; exit 1; }
+"$PY" -W ignore -c "import torch" 2>/dev/null || { echo "setup: torch failed to install" >&2; exit 1; }
 
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"

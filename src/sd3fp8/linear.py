@@ -8,6 +8,7 @@ construction; ``forward`` is a few flat lines per backend.
 from __future__ import annotations
 
 import enum
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,27 @@ from .fp8 import FP8Format, Granularity, amax, amax_to_scale, decode, quantize, 
 # torch._scaled_mm on CUDA wants K and N to be multiples of 16 (the FP8 tensor-core tile).
 SCALED_MM_ALIGNMENT = 16
 ACTIVATION_FORMAT = FP8Format.E4M3  # e5m2 x e5m2 is rejected by _scaled_mm; e4m3 has the precision
+
+
+class _DecodeWorkspace(threading.local):
+    """One reused buffer per thread and dtype for the weight-only path's decoded weight.
+
+    Layers run one after another, so one buffer sized to the largest layer serves all of them
+    (Large, fp32: 142 MB). Reusing it instead of a fresh 10-140 MB allocation per call (page
+    faults) took a 1536x6144 fp32 FP8 linear at M=256 from 103 to 94 ms on this CPU.
+    """
+
+    def __init__(self):
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get(dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[dtype] = torch.empty(numel, dtype=dtype)
+        return buffer
+
+
+_workspace = _DecodeWorkspace()
 
 
 class Backend(enum.Enum):
@@ -183,7 +205,10 @@ class FP8Linear(nn.Module):
 
     def _forward_weight_only(self, x: torch.Tensor) -> torch.Tensor:
         # The scale is applied to the [.., out] output: cheaper than scaling the [out, in] weight.
-        y = F.linear(x, decode(self.weight, x.dtype))
+        # The shared workspace is only safe when autograd will not keep the decoded weight.
+        reuse = x.device.type == "cpu" and not torch.is_grad_enabled()
+        out = _workspace.get(self.weight.numel(), x.dtype) if reuse else None
+        y = F.linear(x, decode(self.weight, x.dtype, out))
         scale = self.weight_scale.to(x.dtype)
         return torch.addcmul(self.bias, y, scale) if self.bias is not None else y * scale
 
