@@ -3,8 +3,8 @@ and transformer bytes at SD3.5 Medium and Large sizes. Run by hand; not a test.
 
     .venv/bin/python benchmarks/engine_core.py --out docs/benchmarks/engine_core [--quick]
 
-Timings are medians over --repeats after one warm-up; FP8 and baseline alternate in one process,
-so the ratios compare like with like on a noisy machine.
+Timings are medians over --repeats after one warm-up; FP8 and baseline calls alternate in one
+process, so the ratios compare like with like on a noisy machine.
 """
 
 from __future__ import annotations
@@ -31,14 +31,17 @@ COMMON = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, jo
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def paired_median_ms(baseline, candidate, repeats: int) -> tuple[float, float]:
+    """Median ms of two functions, run alternately (warm-up first) so that load from the rest of
+    the machine falls on both alike."""
+    baseline(), candidate()
+    times = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for fn, bucket in ((baseline, times[0]), (candidate, times[1])):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
 def linear_shapes(quick: bool) -> list[tuple[str, int, int]]:
@@ -60,8 +63,7 @@ def bench_linears(dtype_name: str, tokens: list[int], repeats: int, quick: bool)
         for m in tokens:
             x = torch.randn(m, k, dtype=dtype)
             with torch.inference_mode():
-                base = median_ms(lambda: F.linear(x, linear.weight, linear.bias), repeats)
-                quant = median_ms(lambda: fp8(x), repeats)
+                base, quant = paired_median_ms(lambda: F.linear(x, linear.weight, linear.bias), lambda: fp8(x), repeats)
             rows.append({"layer": name, "K": k, "N": n, "M": m, "dtype": dtype_name, "baseline_ms": base, "fp8_ms": quant, "ratio": quant / base})
             print(f"  linear {name:<24} M={m:<5} {dtype_name}: {base:9.1f} ms  fp8 {quant:9.1f} ms  x{quant / base:.3f}", flush=True)
     return rows
@@ -96,8 +98,7 @@ def bench_forward(dtype_name: str, tokens: list[int], repeats: int, blocks: int)
             timestep=torch.tensor([500.0]),
         )
         with torch.inference_mode():
-            b = median_ms(lambda: base(**inputs), repeats)
-            q = median_ms(lambda: fp8(**inputs), repeats)
+            b, q = paired_median_ms(lambda: base(**inputs), lambda: fp8(**inputs), repeats)
         rows.append({"blocks": blocks, "image_tokens": n_tokens, "dtype": dtype_name, "baseline_ms": b, "fp8_ms": q, "ratio": q / b})
         print(f"  forward {blocks} blocks, {n_tokens} image tokens, {dtype_name}: {b:9.1f} ms  fp8 {q:9.1f} ms  x{q / b:.3f}", flush=True)
     return rows

@@ -76,11 +76,10 @@ def test_unknown_option_is_one_line(capsys):
     assert "unrecognized arguments: --colour red" in err and err.count("\n") == 1
 
 
-def test_inspect_default_model_and_layers(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path)
+def test_inspect_default_model_and_layers(capsys):
     code, out, _ = run(capsys, "inspect", "--layers", "--dtype", "fp32")
     assert code == 0
-    assert str(tmp_path / models.DEFAULT_MODEL_NAME) in out
+    assert str(models.default_model_path()) in out
     assert "transformer     MMDiT   fp8-e4m3" in out
     assert "transformer_blocks.0.attn.to_q" in out and "FP8Linear" in out and "channel scale" in out
     assert "proj_out" in out  # listed, and kept 16-bit by the default policy

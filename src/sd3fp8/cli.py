@@ -113,6 +113,34 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluation import default_prompts, evaluate, read_prompts, write_report
+    from .models import default_model_path
+
+    if args.seeds < 1 or args.seeds > 1000:
+        raise ConfigError(f"--seeds must be in 1..1000, got {args.seeds}")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    model = args.model if args.model is not None else default_model_path()
+    from .pipeline import check_model_folder
+
+    check_model_folder(model)
+    prompts = read_prompts(args.prompts) if args.prompts else default_prompts(model, args.count)
+    candidates = tuple(c for c in args.candidates.split(",") if c.strip())
+    from .evaluation import parse_config
+
+    for spec in (args.reference, *candidates):
+        parse_config(spec)  # fail before any generation
+    report = evaluate(model, prompts, list(range(args.seeds)), args.reference, candidates, args.steps,
+                      Policy.load(args.policy) if args.policy else None, progress=not args.quiet)
+    from .evaluation import markdown_table
+
+    print(markdown_table(report), end="")
+    for path in write_report(report, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sd3fp8", description="FP8 inference for Stable Diffusion 3.5")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -138,6 +166,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_model_options(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("eval", help="compare precision configurations on the same prompts and seeds")
+    p.add_argument("--model", type=Path, help="model folder (default: the bundled model)")
+    p.add_argument("--prompts", type=Path, help="text file, one prompt per line (default: held-out world prompts, or the SD3.5 set)")
+    p.add_argument("--count", type=int, default=8, help="how many default prompts (default 8)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt: 0..N-1 (default 2)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's recipe)")
+    p.add_argument("--reference", default="bf16", help="reference configuration (default bf16)")
+    p.add_argument("--candidates", default="fp8", help="comma-separated: fp8, fp8-tensor, fp8-e5m2, fp8-t5, fp8-scaled-mm, "
+                   "fp8-scaled-mm-row, no-t5, bf16, fp16, fp32; NAME@fp32 or @bf16 sets the compute dtype")
+    p.add_argument("--policy", type=Path, help="base policy file the configurations modify")
+    p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder (eval.json, eval.md, eval_grid.png)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

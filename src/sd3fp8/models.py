@@ -1,28 +1,22 @@
-"""Where the default model comes from.
+"""Where the default model comes from: the miniature SD3 bundled with the package.
 
-Until a trained miniature model is bundled, the default is the untrained tiny SD3 from
-:mod:`sd3fp8.tiny`, written once (offline, deterministically) into the user's cache folder.
+It was trained on the shape world by ``python -m sd3fp8.training`` (see docs/miniature.md) and
+lives in ``sd3fp8/assets/mini-sd3`` in the diffusers folder layout.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .tiny import TinySpec, write_tiny_model
+from .errors import ModelLoadError
 
-DEFAULT_MODEL_NAME = "tiny-sd3-v1"
-
-
-def cache_dir() -> Path:
-    return Path.home() / ".cache" / "sd3fp8"
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "mini-sd3"
 
 
-def default_model_path(root: Path | None = None) -> Path:
-    """Path of the default model, writing it first if this machine does not have it yet."""
-    path = (root or cache_dir()) / DEFAULT_MODEL_NAME
-    if not (path / "model_index.json").is_file():
-        try:
-            write_tiny_model(path, TinySpec())
-        except FileExistsError:  # another process wrote it meanwhile
-            pass
-    return path
+def default_model_path() -> Path:
+    """Path of the default (bundled) model."""
+    if not (BUNDLED_MODEL / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"the bundled model is missing from {BUNDLED_MODEL}: reinstall sd3fp8, or pass --model PATH"
+        )
+    return BUNDLED_MODEL

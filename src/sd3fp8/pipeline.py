@@ -121,6 +121,7 @@ class Recipe:
     cfg: float = 4.5
     width: int = 1024
     height: int = 1024
+    max_sequence_length: int = 256  # T5 tokens
 
 
 def read_recipe(path: Path, default_side: int) -> Recipe:
@@ -254,6 +255,7 @@ class SD3FP8Pipeline:
                 negative_prompt=None if negative_prompt is None else [negative_prompt] * len(seeds),
                 num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
                 latents=latents, callback_on_step_end=on_step_end, output_type="pil",
+                max_sequence_length=self.recipe.max_sequence_length,
             )
         seconds = time.perf_counter() - start
         params = [

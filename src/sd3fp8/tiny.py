@@ -41,6 +41,8 @@ class TinySpec:
     t5_layers: int = 2
     vae_channels: tuple[int, ...] = (16, 32)  # 2**(len-1) = VAE downsampling factor
     words: tuple[str, ...] = tuple(BASIC_WORDS)
+    max_tokens: int = 77  # CLIP context length (SD3: 77)
+    scheduler_shift: float = 3.0  # FlowMatchEulerDiscreteScheduler shift (SD3: 3.0 at 1024 px)
     seed: int = 0
 
 
@@ -71,12 +73,12 @@ def _clip_tokenizer_files(words: tuple[str, ...], folder: Path) -> int:
     return len(vocab)
 
 
-def build_clip_tokenizer(words: tuple[str, ...], folder: Path):
+def build_clip_tokenizer(words: tuple[str, ...], folder: Path, max_tokens: int = 77):
     from transformers import CLIPTokenizer
 
     _clip_tokenizer_files(words, folder)
     tok = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=max_tokens
     )
     tok.save_pretrained(folder)
     return tok
@@ -110,15 +112,15 @@ def build_tiny_pipeline(spec: TinySpec, folder: Path):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(spec.seed)
-    tokenizer = build_clip_tokenizer(spec.words, folder / "tokenizer")
-    tokenizer_2 = build_clip_tokenizer(spec.words, folder / "tokenizer_2")
+    tokenizer = build_clip_tokenizer(spec.words, folder / "tokenizer", spec.max_tokens)
+    tokenizer_2 = build_clip_tokenizer(spec.words, folder / "tokenizer_2", spec.max_tokens)
     tokenizer_3 = build_t5_tokenizer(spec.words, folder / "tokenizer_3")
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     def clip():
         config = CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=spec.clip_hidden, intermediate_size=2 * spec.clip_hidden,
-            num_hidden_layers=spec.clip_layers, num_attention_heads=2, max_position_embeddings=77,
+            num_hidden_layers=spec.clip_layers, num_attention_heads=2, max_position_embeddings=spec.max_tokens,
             projection_dim=spec.clip_hidden, hidden_act="gelu", bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos,
         )
         return CLIPTextModelWithProjection(config).eval()
@@ -143,7 +145,7 @@ def build_tiny_pipeline(spec: TinySpec, folder: Path):
         scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
     )
     return StableDiffusion3Pipeline(
-        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=spec.scheduler_shift),
         vae=vae.eval(), text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(), tokenizer_2=tokenizer_2,
         text_encoder_3=T5EncoderModel(t5_config).eval(), tokenizer_3=tokenizer_3,
     )

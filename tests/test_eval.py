@@ -1,0 +1,61 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sd3fp8 import cli
+from sd3fp8.errors import ConfigError
+from sd3fp8.evaluation import evaluate, parse_config, write_report
+from sd3fp8.models import default_model_path
+from sd3fp8.world import heldout_prompts
+
+
+def test_parse_config():
+    assert parse_config("fp8").policy == {} and parse_config("fp8").runtime == {}
+    c = parse_config("fp8-scaled-mm-row@bf16")
+    assert c.runtime == {"force_fp8": True, "activation": "row", "dtype": "bf16"} and c.name == "fp8-scaled-mm-row@bf16"
+    assert parse_config("bf16").policy == {"transformer": "bf16"}
+    with pytest.raises(ConfigError, match="unknown configuration 'int8'"):
+        parse_config("int8")
+    with pytest.raises(ConfigError, match="unknown compute dtype"):
+        parse_config("fp8@fp64")
+
+
+def test_eval_on_the_shape_world_model_writes_well_formed_files(tmp_path):
+    prompts = heldout_prompts(1)
+    report = evaluate(None, prompts, [0], reference="fp32", candidates=("fp8", "fp8-tensor"), steps=6, progress=False)
+    assert report["judge"] == "shapes-v1" and report["note"] is None
+    names = [r["name"] for r in report["configs"]]
+    assert names == ["fp32", "fp8", "fp8-tensor"]
+    ref, fp8 = report["configs"][0], report["configs"][1]
+    assert ref["psnr"] == 100.0 and ref["ssim"] == pytest.approx(1.0)  # identical to itself (PSNR capped)
+    assert 20 < fp8["psnr"] < 100 and 0 < fp8["ssim"] <= 1
+    assert 0 <= fp8["adherence"] <= 1 and fp8["frechet_distance"] >= 0
+    assert fp8["transformer_bytes_vs_reference"] < 0.7 and fp8["backend"] == "weight-only"
+    paths = write_report(report, tmp_path / "out")
+    data = json.loads(paths[0].read_text())
+    assert [r["name"] for r in data["configs"]] == names and "_images" not in data
+    md = paths[1].read_text()
+    assert "| fp8 | weight-only |" in md and "| fp32 |" in md
+    grid = Image.open(paths[2])
+    assert grid.size == (5 * 128, 1 * 128)  # reference + 2 x (image, heatmap); one prompt x one seed
+
+
+def test_eval_on_a_non_world_model_reports_image_metrics_only(tiny_model):
+    report = evaluate(tiny_model, ["a cat"], [0, 1], reference="fp32", candidates=("fp8",), steps=2, progress=False)
+    assert report["judge"] is None and "not a shape-world model" in report["note"]
+    assert "adherence" not in report["configs"][1] and np.isfinite(report["configs"][1]["psnr"])
+
+
+def test_eval_cli_rejects_unknown_candidates_before_generating(tmp_path, capsys):
+    code = cli.main(["eval", "--candidates", "fp8,fp4", "--out", str(tmp_path / "o")])
+    assert code == 2 and "unknown configuration 'fp4'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_model_is_the_bundled_miniature():
+    path = default_model_path()
+    assert (path / "model_index.json").is_file()
+    recipe = json.loads((path / "sd3fp8.json").read_text())
+    assert recipe["world"] == "shapes-v1" and recipe["defaults"]["width"] == 64
