@@ -1,0 +1,135 @@
+"""Safetensors files, read defensively: the header is validated before any tensor is touched, and
+pickled checkpoints are refused (never unpickled). Tensors are read lazily (memory-mapped)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+DTYPES = {
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
+    "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_PICKLE_MAGIC = {b"PK\x03\x04": "a zip archive (torch.save .pt/.ckpt)", b"\x80\x02": "a pickle", b"\x80\x03": "a pickle",
+                 b"\x80\x04": "a pickle", b"\x80\x05": "a pickle"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]  # [begin, end) within the data section
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int  # byte offset of the data section in the file
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.tensors.items()}
+
+
+def _refuse_non_safetensors(path: Path, head: bytes) -> None:
+    for magic, what in _PICKLE_MAGIC.items():
+        if head.startswith(magic):
+            raise ModelLoadError(
+                f"{path} is {what}, not safetensors: pickled checkpoints can run code when loaded and are never "
+                f"unpickled here; convert it to .safetensors with a tool you trust"
+            )
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and validate a safetensors header: every tensor's dtype, shape and byte range."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            _refuse_non_safetensors(path, head)
+            if len(head) < 8:
+                raise ModelLoadError(f"{path}: file too short to be safetensors ({size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise ModelLoadError(f"{path}: not a safetensors file, or truncated (header length {header_len}, file {size} bytes)")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelLoadError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", {}) or {}
+    data_start, data_len = 8 + header_len, size - 8 - header_len
+    tensors, ranges = {}, []
+    for name, entry in header.items():
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if dtype_name not in DTYPES:
+            raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (isinstance(begin, int) and isinstance(end, int)):
+            raise ModelLoadError(f"{path}: tensor {name!r} has an invalid shape or offsets")
+        info = TensorInfo(DTYPES[dtype_name], shape, (begin, end))
+        expected = info.numel * torch.empty((), dtype=info.dtype).element_size()
+        if not 0 <= begin <= end or end - begin != expected:
+            raise ModelLoadError(f"{path}: tensor {name!r} header lies: {end - begin} bytes for shape {list(shape)} {dtype_name} ({expected} expected)")
+        if end > data_len:
+            raise ModelLoadError(f"{path}: truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte data section")
+        tensors[name] = info
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+        if b1 < e0:
+            raise ModelLoadError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
+    return Header(path, tensors, dict(metadata), data_start)
+
+
+class LazyTensors:
+    """Memory-mapped tensor access to a validated safetensors file (``with`` or ``close()``)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.header = read_header(path)
+        self._file = safe_open(str(path), framework="pt", device="cpu")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._file = None
+
+    def keys(self):
+        return self.header.tensors.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.header.tensors:
+            raise ModelLoadError(f"{self.header.path}: missing tensor {name!r}")
+        return self._file.get_tensor(name)
