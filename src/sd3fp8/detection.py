@@ -1,0 +1,120 @@
+"""What a checkpoint file is, from its keys, shapes and dtypes alone (never its file name).
+
+``detect(header)`` recognises the SD3 MMDiT in the original layout (with or without the
+``model.diffusion_model.`` prefix, alone or in an all-in-one file with VAE and text encoders),
+diffusers' transformer layout, standalone CLIP-L / CLIP-G / T5-XXL encoders, and the FP8 flavours:
+plain casts, ComfyUI scaled fp8 (``scaled_fp8`` marker, ``scale_weight``/``scale_input``) and
+ComfyUI's per-layer ``comfy_quant`` format. Other architectures are named and refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+
+import torch
+
+from .checkpoint import Header
+from .errors import ModelLoadError
+from .layouts import MMDIT_PREFIX, mmdit_config, strip_prefix, variant_name
+
+COMPONENT_PREFIXES = {
+    "vae": "first_stage_model.",
+    "text_encoder": "text_encoders.clip_l.transformer.",
+    "text_encoder_2": "text_encoders.clip_g.transformer.",
+    "text_encoder_3": "text_encoders.t5xxl.transformer.",
+}
+# Keys that identify architectures we do not run, so the error can name them.
+FOREIGN = {
+    "SDXL / SD1.x UNet": ("model.diffusion_model.input_blocks.", "input_blocks.", "down_blocks.0.resnets.0."),
+    "Flux transformer": ("double_blocks.", "model.diffusion_model.double_blocks.", "single_transformer_blocks."),
+    "PixArt / DiT": ("blocks.0.attn.qkv.",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    kind: str  # mmdit-original | mmdit-diffusers | clip-l | clip-g | t5-xxl
+    variant: str  # human-readable architecture
+    fp8: str  # none | plain-cast | comfy-scaled | comfy-quant
+    components: tuple[str, ...]  # what the file holds (transformer, vae, text encoders)
+    mmdit_config: dict | None
+    dtypes: dict[str, int]  # dtype name -> tensor count
+
+    def describe(self) -> str:
+        fp8 = {"none": "no FP8", "plain-cast": "FP8 plain cast (no scales)", "comfy-scaled": "ComfyUI scaled FP8",
+               "comfy-quant": "ComfyUI per-layer quantization"}[self.fp8]
+        return f"{self.variant} [{self.kind}], {fp8}; holds {', '.join(self.components)}"
+
+
+def _has_prefix(keys, prefixes) -> bool:
+    return any(k.startswith(p) for k in keys for p in prefixes)
+
+
+def fp8_flavour(header: Header) -> str:
+    keys = header.tensors.keys()
+    if any(k.endswith(".comfy_quant") for k in keys) or "_quantization_metadata" in header.metadata:
+        return "comfy-quant"
+    if any(k == "scaled_fp8" or k.endswith(".scaled_fp8") for k in keys):
+        return "comfy-scaled"
+    if any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in header.tensors.values()):
+        return "plain-cast"
+    return "none"
+
+
+def comfy_quant_formats(header: Header) -> set[str]:
+    """Formats named by the per-layer ComfyUI quantization metadata in the header (tensor values are read by the loader)."""
+    meta = header.metadata.get("_quantization_metadata")
+    if not meta:
+        return set()
+    try:
+        layers = json.loads(meta).get("layers", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise ModelLoadError(f"{header.path}: corrupt _quantization_metadata in the header") from None
+    return {str(v.get("format")) for v in layers.values() if isinstance(v, dict)}
+
+
+def _text_encoder_kind(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str] | None:
+    if any(k.startswith("encoder.block.") for k in shapes) and "shared.weight" in shapes:
+        d = shapes["shared.weight"][1]
+        depth = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block."))
+        return "t5-xxl", f"T5 encoder (d_model {d}, {depth} blocks{', T5-XXL' if (d, depth) == (4096, 24) else ''})"
+    emb = shapes.get("text_model.embeddings.token_embedding.weight")
+    if emb is not None:
+        depth = 1 + max(int(k.split(".")[3]) for k in shapes if k.startswith("text_model.encoder.layers."))
+        name = {768: "CLIP-L", 1280: "CLIP-G (OpenCLIP bigG)"}.get(emb[1], "CLIP text encoder")
+        return ("clip-g" if emb[1] == 1280 or depth == 32 else "clip-l"), f"{name} (width {emb[1]}, {depth} layers)"
+    return None
+
+
+def detect(header: Header) -> Detection:
+    """Identify a checkpoint; raise ModelLoadError naming anything we cannot run."""
+    keys = list(header.tensors)
+    shapes = header.shapes()
+    dtypes = dict(Counter(str(t.dtype).removeprefix("torch.") for t in header.tensors.values()))
+    flavour = fp8_flavour(header)
+    unsupported = comfy_quant_formats(header) - {"float8_e4m3fn", "float8_e5m2"}
+    if unsupported:
+        raise ModelLoadError(f"{header.path}: ComfyUI quantization format(s) {sorted(unsupported)} are not supported (only float8_e4m3fn / float8_e5m2)")
+    for name, prefixes in FOREIGN.items():
+        if _has_prefix(keys, prefixes):
+            raise ModelLoadError(f"{header.path}: this is a {name} checkpoint, not Stable Diffusion 3")
+
+    stripped = strip_prefix(shapes)
+    if any(k.startswith("joint_blocks.") for k in stripped):
+        config = mmdit_config(stripped, str(header.path))
+        components = ["transformer"] + [c for c, p in COMPONENT_PREFIXES.items() if _has_prefix(keys, [p])]
+        return Detection("mmdit-original", variant_name(config), flavour, tuple(components), config, dtypes)
+    if any(k.startswith("transformer_blocks.") for k in keys) and "pos_embed.proj.weight" in shapes:
+        hidden = shapes["pos_embed.proj.weight"][0]
+        return Detection("mmdit-diffusers", f"SD3-family MMDiT, diffusers layout (width {hidden})", flavour, ("transformer",), None, dtypes)
+    encoder = _text_encoder_kind(shapes)
+    if encoder:
+        kind, variant = encoder
+        component = {"clip-l": "text_encoder", "clip-g": "text_encoder_2", "t5-xxl": "text_encoder_3"}[kind]
+        return Detection(kind, variant, flavour, (component,), None, dtypes)
+    if any(k.startswith(MMDIT_PREFIX) for k in keys):
+        raise ModelLoadError(f"{header.path}: has {MMDIT_PREFIX}* keys but no joint_blocks: not an SD3 MMDiT")
+    sample = ", ".join(keys[:3])
+    raise ModelLoadError(f"{header.path}: not an SD3 checkpoint or text encoder I recognise (first keys: {sample})")
