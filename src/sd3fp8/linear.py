@@ -262,8 +262,8 @@ class FP8Linear(nn.Module):
         if weight is not None and weight.dtype != self.fmt.dtype:
             error_msgs.append(f"{prefix}weight: expected {self.fmt.dtype}, found {weight.dtype}")
             return
-        input_scale = state_dict.get(prefix + "input_scale")
-        self.set_input_scale(input_scale)  # optional: present only once calibrated
+        if weight is not None:  # this layer is being loaded: its input scale is present only once calibrated
+            self.set_input_scale(state_dict.get(prefix + "input_scale"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def describe(self) -> dict:
