@@ -81,3 +81,18 @@ def test_unknown_and_incomplete_files(tmp_path, original_mmdit):
     missing = {k: v for k, v in original_mmdit.items() if "y_embedder" not in k}
     with pytest.raises(ModelLoadError, match="missing tensor 'y_embedder.mlp.0.weight'"):
         detect(read_header(save(tmp_path, "m.safetensors", missing)))
+
+
+def test_inspect_command_reports_a_file(tmp_path, original_mmdit, capsys):
+    from sd3fp8 import cli
+
+    path = save(tmp_path, "sd35.safetensors", original_mmdit)
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "mmdit-original" in out and "depth 3" in out and "dual-attention layers [0]" in out
+    assert cli.main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mmdit_config"]["num_layers"] == 3
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"\x80\x04junk")
+    assert cli.main(["inspect", str(bad)]) == 2
+    assert "never unpickled" in capsys.readouterr().err

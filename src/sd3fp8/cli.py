@@ -103,9 +103,33 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def inspect_file(path: Path, as_json: bool) -> int:
+    """A single checkpoint file: what it is, from its header alone (nothing is loaded)."""
+    from .checkpoint import read_header
+    from .detection import detect
+
+    header = read_header(path)
+    detection = detect(header)
+    size = sum(t.nbytes for t in header.tensors.values())
+    if as_json:
+        print(json.dumps({"path": str(path), "kind": detection.kind, "variant": detection.variant, "fp8": detection.fp8,
+                          "components": list(detection.components), "mmdit_config": detection.mmdit_config,
+                          "dtypes": detection.dtypes, "tensors": len(header.tensors), "bytes": size}, indent=2))
+    else:
+        print(f"{path}\n  {detection.describe()}\n  {len(header.tensors)} tensors, {size / 2**20:.1f} MiB; "
+              f"dtypes: {', '.join(f'{d} x{n}' for d, n in detection.dtypes.items())}")
+        if detection.mmdit_config:
+            c = detection.mmdit_config
+            print(f"  MMDiT: depth {c['num_layers']}, width {c['num_attention_heads'] * c['attention_head_dim']}, "
+                  f"dual-attention layers {list(c['dual_attention_layers'])}, qk-norm {c['qk_norm']}, pos-embed {c['pos_embed_max_size']}^2")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspection import format_report, inspect_pipeline
 
+    if args.path is not None and args.path.is_file():
+        return inspect_file(args.path, args.json)
     if args.path is not None:
         args.model = args.path
     report = inspect_pipeline(build_engine(args), layers=args.layers)
@@ -161,7 +185,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="show components, dtypes and per-layer FP8 recipes")
-    p.add_argument("path", nargs="?", type=Path, help="model folder (default: the bundled model)")
+    p.add_argument("path", nargs="?", type=Path, help="model folder, or a .safetensors file (default: the bundled model)")
     p.add_argument("--layers", action="store_true", help="list every weight-owning module")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_model_options(p)
