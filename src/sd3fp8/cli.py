@@ -165,6 +165,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from tqdm import tqdm
+
+    from .quantize import QuantizeOptions, quantize_file
+
+    options = QuantizeOptions(
+        format=args.format, granularity=args.granularity or ("tensor" if args.format == "comfy" else "channel"),
+        fp8=args.fp8, t5=args.t5, policy=Policy.load(args.policy) if args.policy else Policy(), force=args.force,
+    )
+    if not args.src.is_file():
+        raise ConfigError(f"{args.src} is not a file (quantize takes a single .safetensors checkpoint)")
+    bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize", disable=args.quiet)
+
+    def on_progress(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        path = quantize_file(args.src, args.out, options, on_progress)
+    finally:
+        bar.close()
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, from {args.src.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sd3fp8", description="FP8 inference for Stable Diffusion 3.5")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -190,6 +216,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_model_options(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("quantize", help="convert a 16/32-bit checkpoint to FP8, streaming")
+    p.add_argument("src", type=Path, help="source .safetensors (original single-file layout or standalone T5)")
+    p.add_argument("--out", type=Path, required=True, help="destination .safetensors (written atomically)")
+    p.add_argument("--format", default="sd3fp8", help="sd3fp8 (FP8 + per-channel or per-tensor weight_scale) or comfy (ComfyUI scaled fp8)")
+    p.add_argument("--granularity", help="tensor or channel (default: channel; comfy: tensor)")
+    p.add_argument("--fp8", default="e4m3", help="e4m3 or e5m2")
+    p.add_argument("--t5", default="keep", help="fp8 or keep: quantize a T5-XXL encoder found in the file")
+    p.add_argument("--policy", type=Path, help="precision policy file: which MMDiT layers go FP8")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="compare precision configurations on the same prompts and seeds")
     p.add_argument("--model", type=Path, help="model folder (default: the bundled model)")

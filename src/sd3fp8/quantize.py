@@ -1,0 +1,192 @@
+"""`sd3fp8 quantize`: convert a 16/32-bit checkpoint to FP8 by streaming, tensor by tensor.
+
+The output header is planned from the source header alone (every output tensor's dtype and shape
+is known before any data is read), written first, then each tensor is read (memory-mapped),
+converted and appended: peak memory is a few copies of the largest tensor, never the model.
+Output goes to a temporary file beside the destination and is renamed at the very end.
+
+Formats (both keep the source's key layout, so every loader that reads the source reads them):
+- ``sd3fp8``: FP8 weights + float32 ``<layer>.weight_scale`` ([] or [out]); header metadata records
+  the format version, policy, granularity, FP8 format and the source file's SHA-256.
+- ``comfy``: ComfyUI scaled FP8: the ``scaled_fp8`` marker, FP8 weights and float32 scalar
+  ``<layer>.scale_weight`` (per tensor only, as ComfyUI reads it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import DTYPE_NAMES, Header, LazyTensors
+from .detection import COMPONENT_PREFIXES, detect
+from .errors import ConfigError, ModelLoadError
+from .fp8 import FP8Format, Granularity, check_finite, quantize_weight
+from .layouts import MMDIT_PREFIX, original_module_to_diffusers
+from .policy import Policy, matches
+
+FORMAT_VERSION = "1"
+T5_LINEAR_SUFFIXES = (".q.weight", ".k.weight", ".v.weight", ".o.weight", ".wi_0.weight", ".wi_1.weight", ".wo.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    format: str = "sd3fp8"  # sd3fp8 | comfy
+    granularity: Granularity = Granularity.CHANNEL
+    fp8: FP8Format = FP8Format.E4M3
+    t5: str = "keep"  # keep | fp8
+    policy: Policy = Policy()
+    force: bool = False
+
+    def __post_init__(self):
+        if self.format not in ("sd3fp8", "comfy"):
+            raise ConfigError(f"unknown output format {self.format!r}: expected sd3fp8 or comfy")
+        if self.t5 not in ("keep", "fp8"):
+            raise ConfigError(f"--t5 must be 'fp8' or 'keep', got {self.t5!r}")
+        object.__setattr__(self, "granularity", Granularity.parse(self.granularity))
+        object.__setattr__(self, "fp8", FP8Format.parse(self.fp8))
+        if self.format == "comfy" and self.granularity is Granularity.CHANNEL:
+            raise ConfigError("the comfy format stores one scale per tensor: use --granularity tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """One output tensor: where it comes from and what it becomes."""
+
+    name: str
+    source: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    role: str  # copy | weight | scale
+
+
+def _mmdit_layer_is_fp8(module: str, num_layers: int, keep) -> bool:
+    """An original-layout module goes FP8 when every diffusers module it maps to passes the policy."""
+    try:
+        targets = original_module_to_diffusers(module, num_layers)
+    except KeyError:
+        return False
+    return all(keep(name) for name, _ in targets)
+
+
+def plan(header: Header, options: QuantizeOptions) -> list[Planned]:
+    """Every output tensor, in source order, with its dtype and shape."""
+    detection = detect(header)
+    if detection.fp8 != "none":
+        raise ModelLoadError(f"{header.path} is already FP8 ({detection.fp8}): quantize converts 16/32-bit checkpoints")
+    policy = options.policy
+    keep_mmdit = policy.layer_filter("transformer") if policy.transformer.is_fp8 else (lambda n: False)
+    t5_prefix = COMPONENT_PREFIXES["text_encoder_3"] if detection.kind == "mmdit-original" else ""
+    mmdit_prefix = MMDIT_PREFIX if any(k.startswith(MMDIT_PREFIX) for k in header.tensors) else ""
+    num_layers = detection.mmdit_config["num_layers"] if detection.mmdit_config else 0
+    scale_suffix = "weight_scale" if options.format == "sd3fp8" else "scale_weight"
+    out: list[Planned] = []
+    if options.format == "comfy" and detection.kind == "mmdit-original":
+        out.append(Planned(f"{mmdit_prefix}scaled_fp8", "", options.fp8.dtype, (0,), "marker"))
+    for name, info in header.tensors.items():
+        if info.dtype not in (torch.float32, torch.float16, torch.bfloat16) or len(info.shape) != 2:
+            fp8 = False
+        elif detection.kind == "mmdit-original" and name.startswith(mmdit_prefix) and name.endswith(".weight") and \
+                not any(name.startswith(p) for p in COMPONENT_PREFIXES.values()):
+            fp8 = _mmdit_layer_is_fp8(name[len(mmdit_prefix):-len(".weight")], num_layers, keep_mmdit)
+        elif options.t5 == "fp8" and (detection.kind == "t5-xxl" or name.startswith(t5_prefix) and t5_prefix):
+            fp8 = name.endswith(T5_LINEAR_SUFFIXES) and not matches(name[len(t5_prefix):-len(".weight")], policy.encoder_exclude)
+        if fp8:
+            rows = info.shape[0]
+            scale_shape = (rows,) if options.granularity is Granularity.CHANNEL else ()
+            out.append(Planned(name, name, options.fp8.dtype, info.shape, "weight"))
+            out.append(Planned(name[: -len("weight")] + scale_suffix, name, torch.float32, scale_shape, "scale"))
+        else:
+            out.append(Planned(name, name, info.dtype, info.shape, "copy"))
+    if options.t5 == "fp8" and not any(p.role == "weight" and (p.name.startswith(t5_prefix) if t5_prefix else detection.kind == "t5-xxl") for p in out):
+        raise ConfigError(f"--t5 fp8: {header.path} holds no T5-XXL encoder")
+    return out
+
+
+def _nbytes(p: Planned) -> int:
+    n = 1
+    for d in p.shape:
+        n *= d
+    return n * torch.empty((), dtype=p.dtype).element_size()
+
+
+def build_header(planned: list[Planned], metadata: dict[str, str]) -> bytes:
+    entries, offset = {"__metadata__": metadata}, 0
+    for p in planned:
+        size = _nbytes(p)
+        entries[p.name] = {"dtype": DTYPE_NAMES[p.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(entries, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.contiguous().reshape(-1)  # 1-D: a 0-dim scale cannot be viewed as bytes
+    return tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+
+
+def quantize_file(src: str | Path, dst: str | Path, options: QuantizeOptions = QuantizeOptions(),
+                  progress: Callable[[int, int], None] | None = None) -> Path:
+    """Stream ``src`` into an FP8 checkpoint at ``dst`` (see the module docstring)."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ConfigError(f"refusing to overwrite the source {src}")
+    if dst.exists() and not options.force:
+        raise ConfigError(f"{dst} exists: pass --force to overwrite it")
+    if dst.suffix != ".safetensors":
+        raise ConfigError(f"the output must be a .safetensors file, got {dst}")
+    with LazyTensors(src) as files:
+        planned = plan(files.header, options)
+        metadata = {
+            "format": "pt", "sd3fp8_format_version": FORMAT_VERSION, "sd3fp8_layout": options.format,
+            "fp8": options.fp8.value, "granularity": options.granularity.value, "t5": options.t5,
+            "policy": json.dumps(options.policy.to_dict()), "source_sha256": sha256_file(src), "source_name": src.name,
+        }
+        total = sum(_nbytes(p) for p in planned)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(build_header(planned, metadata))
+                done, quantized = 0, {}
+                for p in planned:
+                    if p.role == "marker":
+                        data = b""
+                    elif p.role == "weight":
+                        w8, scale = quantize_weight(files.get(p.source), options.fp8, options.granularity, f"{src}: {p.source}")
+                        quantized[p.source] = scale
+                        data = _tensor_bytes(w8)
+                    elif p.role == "scale":
+                        data = _tensor_bytes(quantized.pop(p.source).reshape(p.shape))
+                    else:
+                        tensor = files.get(p.source)
+                        if tensor.is_floating_point():
+                            check_finite(tensor, f"{src}: {p.source}")
+                        data = _tensor_bytes(tensor)
+                    f.write(data)
+                    done += len(data)
+                    if progress:
+                        progress(done, total)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return dst
