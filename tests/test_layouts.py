@@ -10,6 +10,7 @@ from sd3fp8.layouts import (
     MMDIT_PREFIX,
     Transform,
     convert_original_state_dict,
+    diffusers_state_to_original,
     mmdit_config,
     original_key_to_diffusers,
     strip_prefix,
@@ -24,35 +25,8 @@ def tiny_config(dual=(0,), qk_norm="rms_norm", layers=3):
 
 
 def original_from_diffusers(model):
-    """Build an original-layout state dict by inverting our mapping (fusing qkv, un-swapping halves)."""
-    sd = model.state_dict()
-    num_layers = model.config.num_layers
-    originals = {}
-    candidates = ["pos_embed", "x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "y_embedder.mlp.0", "y_embedder.mlp.2",
-                  "context_embedder", "final_layer.linear", "final_layer.adaLN_modulation.1"]
-    for i in range(num_layers):
-        for side in ("x_block", "context_block"):
-            for m in ("attn.qkv", "attn.proj", "attn.ln_q", "attn.ln_k", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1",
-                      "attn2.qkv", "attn2.proj", "attn2.ln_q", "attn2.ln_k"):
-                candidates.append(f"joint_blocks.{i}.{side}.{m}")
-    for module in candidates:
-        for suffix in ([""] if module == "pos_embed" else [".weight", ".bias"]):
-            key = module + suffix
-            try:
-                targets = original_key_to_diffusers(key, num_layers)
-            except KeyError:
-                continue
-            if not all(name in sd for name, _ in targets):
-                continue
-            parts = []
-            for name, t in targets:
-                tensor = sd[name]
-                if t.swap_halves:
-                    scale, shift = tensor.chunk(2, dim=0)
-                    tensor = torch.cat([shift, scale])
-                parts.append(tensor)
-            originals[MMDIT_PREFIX + key] = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return originals
+    """An original-layout state dict of a diffusers model (through our inverse mapping)."""
+    return diffusers_state_to_original(model.state_dict(), model.config.num_layers)
 
 
 @pytest.mark.parametrize("dual,qk_norm", [((0,), "rms_norm"), ((), None)])

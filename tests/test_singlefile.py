@@ -157,3 +157,23 @@ def test_unsupported_comfy_quant_format_is_refused(tmp_path, reference):
     tensors[P + "context_embedder.comfy_quant"] = torch.tensor(list(json.dumps({"format": "mxfp8"}).encode()), dtype=torch.uint8)
     with pytest.raises(ModelLoadError, match="mxfp8"):
         load_mmdit(save(tmp_path, tensors), Policy(), torch.float32)
+
+
+def test_pipeline_takes_its_transformer_from_a_single_file(tiny_model, tmp_path):
+    """generate --transformer FILE: a ComfyUI scaled-fp8 export of the folder's own MMDiT runs in the pipeline."""
+    import numpy as np
+
+    from sd3fp8 import RuntimeConfig, SD3FP8Pipeline
+    from sd3fp8.layouts import diffusers_state_to_original
+    from sd3fp8.quantize import QuantizeOptions, quantize_file
+
+    folder_engine = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(transformer="fp32"), RuntimeConfig(dtype="fp32"))
+    transformer = folder_engine.pipe.transformer
+    src = save(tmp_path, diffusers_state_to_original(transformer.state_dict(), transformer.config.num_layers), "mmdit.safetensors")
+    comfy = quantize_file(src, tmp_path / "mmdit_fp8_scaled.safetensors", QuantizeOptions(format="comfy", granularity="tensor"))
+    engine = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(), RuntimeConfig(dtype="fp32"), transformer_file=comfy)
+    assert engine.fp8_layers["transformer"] and isinstance(engine.pipe.transformer.transformer_blocks[0].attn.to_q, FP8Linear)
+    kwargs = dict(seed=3, steps=3, width=32, height=32)
+    a = np.asarray(folder_engine("a red circle", **kwargs).images[0], dtype=np.float64)
+    b = np.asarray(engine("a red circle", **kwargs).images[0], dtype=np.float64)
+    assert 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12)) > 38

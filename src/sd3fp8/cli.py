@@ -23,6 +23,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and precision")
     g.add_argument("--model", type=Path, help="diffusers-format SD3/SD3.5 folder (default: the bundled model)")
+    g.add_argument("--transformer", type=Path, help="take the MMDiT from this single file (original/ComfyUI layout, any precision)")
     g.add_argument("--precision", help="transformer storage: fp8 (= fp8-e4m3), fp8-e5m2, bf16, fp16, fp32 (default fp8)")
     g.add_argument("--t5", help="T5-XXL encoder: fp8, bf16, fp16, fp32 or off (default: compute dtype)")
     g.add_argument("--granularity", help="FP8 weight scales: tensor or channel (default channel)")
@@ -58,7 +59,7 @@ def build_engine(args):
         device=args.device, dtype=args.dtype, backend=args.backend, force_fp8=args.force_fp8,
         activation=args.activation, offload=args.offload,
     )
-    return SD3FP8Pipeline.from_pretrained(args.model, build_policy(args), runtime)
+    return SD3FP8Pipeline.from_pretrained(args.model, build_policy(args), runtime, transformer_file=args.transformer)
 
 
 def output_paths(out: Path | None, seeds: list[int]) -> list[Path]:

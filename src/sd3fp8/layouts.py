@@ -18,7 +18,7 @@ import torch
 from .errors import ModelLoadError
 
 MMDIT_PREFIX = "model.diffusion_model."
-HEAD_DIM = 64  # every SD3/SD3.5 MMDiT uses 64-wide heads; depth = hidden / 64
+HEAD_DIM = 64  # every released SD3/SD3.5 MMDiT uses 64-wide heads (depth = hidden / 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +115,35 @@ def convert_original_state_dict(state: dict[str, torch.Tensor], num_layers: int)
     return out
 
 
+def original_module_names(num_layers: int) -> list[str]:
+    """Every module name the original layout can use for a model of this depth."""
+    names = list(_TOP_MODULES)
+    for i in range(num_layers):
+        names += [f"joint_blocks.{i}.{m}.qkv" for m in _QKV] + [f"joint_blocks.{i}.{m}" for m in _BLOCK_MODULES]
+    return names
+
+
+def diffusers_state_to_original(state: dict[str, torch.Tensor], num_layers: int, prefix: str = MMDIT_PREFIX) -> dict[str, torch.Tensor]:
+    """The inverse mapping: a diffusers SD3Transformer2DModel state dict in the original layout
+    (q, k, v fused back into ``qkv``; swapped adaLN halves swapped back)."""
+    out = {prefix + "pos_embed": state["pos_embed.pos_embed"]} if "pos_embed.pos_embed" in state else {}
+    for module in original_module_names(num_layers):
+        targets = original_module_to_diffusers(module, num_layers)
+        for suffix in ("weight", "bias"):
+            keys = [f"{name}.{suffix}" for name, _ in targets]
+            if not all(k in state for k in keys):
+                continue
+            parts = []
+            for key, (_, transform) in zip(keys, targets):
+                tensor = state[key]
+                if transform.swap_halves:
+                    scale, shift = tensor.chunk(2, dim=0)
+                    tensor = torch.cat([shift, scale], dim=0)
+                parts.append(tensor)
+            out[f"{prefix}{module}.{suffix}"] = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return out
+
+
 def strip_prefix(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """MMDiT keys without ``model.diffusion_model.`` (files hold them with or without it)."""
     if any(k.startswith(MMDIT_PREFIX) for k in shapes):
@@ -125,7 +154,7 @@ def strip_prefix(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...
 def mmdit_config(shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> dict:
     """SD3Transformer2DModel config read from original-layout key shapes (prefix stripped).
 
-    Depth from the patch embedder's width (hidden = 64 x depth, as SD3 was scaled), dual-attention
+    Width from the patch embedder, head width from the qk-norm weights (else 64), dual-attention
     layers from ``attn2`` keys, qk-norm from ``ln_q`` keys, pos-embed size from ``pos_embed``.
     """
 
@@ -136,8 +165,10 @@ def mmdit_config(shapes: dict[str, tuple[int, ...]], source: str = "checkpoint")
 
     proj = need("x_embedder.proj.weight")  # [hidden, in_channels, patch, patch]
     hidden, in_channels, patch = proj[0], proj[1], proj[2]
-    if hidden % HEAD_DIM:
-        raise ModelLoadError(f"{source}: patch embedder width {hidden} is not a multiple of {HEAD_DIM}")
+    # qk-norm weights are one head wide; without them, SD3's 64-wide heads are the convention
+    head_dim = shapes.get("joint_blocks.0.x_block.attn.ln_q.weight", (HEAD_DIM,))[0]
+    if hidden % head_dim:
+        raise ModelLoadError(f"{source}: patch embedder width {hidden} is not a multiple of the head width {head_dim}")
     blocks = sorted({int(m[1]) for k in shapes if (m := re.match(r"joint_blocks\.(\d+)\.", k))})
     if not blocks:
         raise ModelLoadError(f"{source}: no joint_blocks.* tensors: not an SD3 MMDiT")
@@ -157,8 +188,8 @@ def mmdit_config(shapes: dict[str, tuple[int, ...]], source: str = "checkpoint")
         "patch_size": patch,
         "in_channels": in_channels,
         "num_layers": num_layers,
-        "attention_head_dim": HEAD_DIM,
-        "num_attention_heads": hidden // HEAD_DIM,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
         "joint_attention_dim": context[1],
         "caption_projection_dim": context[0],
         "pooled_projection_dim": pooled[1],

@@ -167,9 +167,14 @@ class SD3FP8Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path | None = None, policy: Policy | None = None, runtime: RuntimeConfig | None = None
+        cls, path: str | Path | None = None, policy: Policy | None = None, runtime: RuntimeConfig | None = None,
+        transformer_file: str | Path | None = None,
     ) -> SD3FP8Pipeline:
-        """Load a diffusers-format SD3 folder (default: the bundled model) and apply ``policy``."""
+        """Load a diffusers-format SD3 folder (default: the bundled model) and apply ``policy``.
+
+        ``transformer_file``: take the MMDiT from an original-layout single file instead (16-bit,
+        plain FP8, ComfyUI scaled FP8 or sd3fp8 format); the folder supplies everything else.
+        """
         from diffusers import StableDiffusion3Pipeline
 
         from .models import default_model_path
@@ -188,6 +193,14 @@ class SD3FP8Pipeline:
         extra = {}
         if policy.text_encoder_3 is Precision.OFF:
             extra = {"text_encoder_3": None, "tokenizer_3": None}
+        fp8_layers = {}
+        if transformer_file is not None:
+            from .singlefile import load_mmdit
+
+            extra["transformer"], fp8_layers["transformer"], detection = load_mmdit(
+                transformer_file, policy, dtypes["transformer"], device, runtime.backend, runtime.force_fp8, runtime.activation
+            )
+            log.info("transformer from %s: %s", transformer_file, detection.describe())
         try:
             with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones know only it
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
@@ -198,11 +211,10 @@ class SD3FP8Pipeline:
             raise ModelLoadError(f"cannot load {path}: {e}") from None
         pipe.set_progress_bar_config(disable=True)  # we report steps through our own callback
 
-        fp8_layers = {}
         for component in COMPONENTS:
             module = getattr(pipe, component, None)
             precision = policy.precision(component)
-            if module is None or not precision.is_fp8:
+            if module is None or not precision.is_fp8 or component in fp8_layers:
                 continue
             fp8_layers[component] = quantize_linears(
                 module, policy.layer_filter(component), precision.fp8_format, policy.granularity,
