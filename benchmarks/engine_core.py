@@ -151,10 +151,15 @@ def main():
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--tokens", default="1024,4096")
+    parser.add_argument("--bf16-tokens", help="token counts for bf16 (default: --tokens); bf16 GEMMs are emulated on CPUs without bf16 units")
+    parser.add_argument("--forward-only", action="store_true", help="skip the per-linear timings")
     parser.add_argument("--quick", action="store_true", help="two linear shapes, fp32 only, 256 tokens: a smoke run")
     args = parser.parse_args()
     dtypes = ["fp32"] if args.quick else args.dtypes.split(",")
     tokens = [256] if args.quick else [int(t) for t in args.tokens.split(",")]
+    tokens_for = {d: tokens for d in dtypes}
+    if args.bf16_tokens and not args.quick:
+        tokens_for["bf16"] = [int(t) for t in args.bf16_tokens.split(",")]
     import sys
 
     results = {
@@ -170,10 +175,10 @@ def main():
     results["forward"], results["linears"] = [], []
     for d in dtypes:
         print(f"transformer forward ({d})", flush=True)
-        results["forward"] += bench_forward(d, tokens, args.repeats, args.blocks)
-    for d in dtypes:
+        results["forward"] += bench_forward(d, tokens_for[d], args.repeats, args.blocks)
+    for d in [] if args.forward_only else dtypes:
         print(f"linears ({d})", flush=True)
-        results["linears"] += bench_linears(d, tokens, args.repeats, args.quick)
+        results["linears"] += bench_linears(d, tokens_for[d], args.repeats, args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     args.out.with_suffix(".md").write_text(markdown(results))

@@ -148,3 +148,15 @@ def test_extra_repr_says_what_the_layer_is():
     text = repr(q)
     for part in ("fmt=e5m2", "granularity=tensor", "backend=scaled-mm", "scale_shape=()", "activation=row"):
         assert part in text
+
+
+def test_weight_only_works_across_inference_mode_and_no_grad():
+    """The decode workspace is shared: a buffer first made under inference_mode must serve no_grad calls too."""
+    q = FP8Linear.from_linear(make_linear(64, 48), backend="weight-only")
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        a = q(x)
+    with torch.no_grad():
+        b = q(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert q(x).shape == (3, 48)  # and with autograd on: a fresh buffer

@@ -166,7 +166,9 @@ def evaluate(
             scores = [adherence(img, c) for img, c in zip(run.images, captions)]
             row["adherence"] = float(np.mean(scores))
             row["adherence_per_image"] = scores
-            row["frechet_distance"] = frechet_distance(np.stack([features(img) for img in run.images]), real_features)
+            # a distribution distance needs two or more images
+            row["frechet_distance"] = (frechet_distance(np.stack([features(img) for img in run.images]), real_features)
+                                       if len(run.images) > 1 else None)
         report["configs"].append(row)
     report["_images"] = {run.config.name: run.images for run in runs}
     return report
@@ -178,7 +180,7 @@ def markdown_table(report: dict) -> str:
     lines = [head, "|---" * 9 + "|"]
     for r in report["configs"]:
         adh = f"{r['adherence']:.3f}" if judged else "n/a"
-        fd = f"{r['frechet_distance']:.3f}" if judged else "n/a"
+        fd = f"{r['frechet_distance']:.3f}" if judged and r["frechet_distance"] is not None else "n/a"
         p = "ref" if r["name"] == report["reference"] else f"{r['psnr']:.1f}"
         s = "ref" if r["name"] == report["reference"] else f"{r['ssim']:.4f}"
         lines.append(

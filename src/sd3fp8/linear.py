@@ -36,7 +36,8 @@ class _DecodeWorkspace(threading.local):
     def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buffer = self.buffers.get(dtype)
         if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[dtype] = torch.empty(numel, dtype=dtype)
+            with torch.inference_mode(False):  # a normal tensor: writable under no_grad and inference_mode alike
+                buffer = self.buffers[dtype] = torch.empty(numel, dtype=dtype)
         return buffer
 
 
@@ -208,9 +209,12 @@ class FP8Linear(nn.Module):
         # The shared workspace is only safe when autograd will not keep the decoded weight.
         reuse = x.device.type == "cpu" and not torch.is_grad_enabled()
         out = _workspace.get(self.weight.numel(), x.dtype) if reuse else None
-        y = F.linear(x, decode(self.weight, x.dtype, out))
+        # 2-D on purpose: F.linear on a non-contiguous 3-D input without bias falls back to bmm,
+        # which took 103 ms instead of ~20 ms for one SD3.5-Medium attention projection here.
+        y = F.linear(x.reshape(-1, self.in_features), decode(self.weight, x.dtype, out))  # [M, N]
         scale = self.weight_scale.to(x.dtype)
-        return torch.addcmul(self.bias, y, scale) if self.bias is not None else y * scale
+        y = torch.addcmul(self.bias, y, scale) if self.bias is not None else y * scale
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         x_2d = x.reshape(-1, self.in_features)  # [M, K]

@@ -46,6 +46,8 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     Tr(sqrt(S_a S_b)) is computed as Tr(sqrt(sqrt(S_a) S_b sqrt(S_a))), a symmetric PSD form.
     """
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("a Frechet distance needs at least two samples per set")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     root_a = _sqrtm_psd(cov_a)

@@ -54,7 +54,7 @@ class TrainConfig:
     threads: int = 2
     # generation defaults written into the model's sd3fp8.json
     steps: int = 20
-    cfg: float = 4.0
+    cfg: float = 3.0
 
 
 class LossLog:
