@@ -7,7 +7,6 @@ from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoi
 
 from sd3fp8.errors import ModelLoadError
 from sd3fp8.layouts import (
-    MMDIT_PREFIX,
     Transform,
     convert_original_state_dict,
     diffusers_state_to_original,
