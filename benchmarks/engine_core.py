@@ -128,7 +128,7 @@ def transformer_bytes() -> list[dict]:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Engine core benchmark", "", f"Command: `{results['command']}`", "",
+    lines = ["# Engine core benchmark", "", f"Command: `{results['command']}`", "",
              f"Machine: {results['machine']}; torch {results['torch']}; {results['threads']} threads. Medians of {results['repeats']} runs after a warm-up.", ""]
     lines += ["## Transformer bytes (full depth, default policy)", "", "| model | BF16 | FP8 | FP8/BF16 | with the 16-bit pos_embed buffer |", "|---|---|---|---|---|"]
     for r in results["bytes"]:
