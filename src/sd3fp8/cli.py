@@ -139,27 +139,22 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import default_prompts, evaluate, read_prompts, write_report
+    from .evaluation import default_prompts, evaluate, markdown_table, parse_config, read_prompts, write_report
     from .models import default_model_path
+    from .pipeline import check_model_folder
 
     if args.seeds < 1 or args.seeds > 1000:
         raise ConfigError(f"--seeds must be in 1..1000, got {args.seeds}")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     model = args.model if args.model is not None else default_model_path()
-    from .pipeline import check_model_folder
-
     check_model_folder(model)
     prompts = read_prompts(args.prompts) if args.prompts else default_prompts(model, args.count)
     candidates = tuple(c for c in args.candidates.split(",") if c.strip())
-    from .evaluation import parse_config
-
     for spec in (args.reference, *candidates):
         parse_config(spec)  # fail before any generation
     report = evaluate(model, prompts, list(range(args.seeds)), args.reference, candidates, args.steps,
                       Policy.load(args.policy) if args.policy else None, progress=not args.quiet)
-    from .evaluation import markdown_table
-
     print(markdown_table(report), end="")
     for path in write_report(report, args.out):
         print(f"wrote {path}")
