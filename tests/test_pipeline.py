@@ -144,7 +144,7 @@ def test_bad_requests(tiny_model, kwargs, message):
 def test_bad_model_paths(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         SD3FP8Pipeline.from_pretrained(tmp_path / "nope")
-    with pytest.raises(ModelLoadError, match="no model_index.json"):
+    with pytest.raises(ModelLoadError, match=r"neither a diffusers folder \(model_index.json\) nor a ComfyUI tree"):
         SD3FP8Pipeline.from_pretrained(tmp_path)
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     with pytest.raises(ModelLoadError, match="not a StableDiffusion3Pipeline"):

@@ -35,7 +35,7 @@ FOREIGN = {
 
 @dataclasses.dataclass(frozen=True)
 class Detection:
-    kind: str  # mmdit-original | mmdit-diffusers | clip-l | clip-g | t5-xxl
+    kind: str  # mmdit-original | mmdit-diffusers | clip-l | clip-g | t5-xxl | vae
     variant: str  # human-readable architecture
     fp8: str  # none | plain-cast | comfy-scaled | comfy-quant
     components: tuple[str, ...]  # what the file holds (transformer, vae, text encoders)
@@ -114,6 +114,11 @@ def detect(header: Header) -> Detection:
         kind, variant = encoder
         component = {"clip-l": "text_encoder", "clip-g": "text_encoder_2", "t5-xxl": "text_encoder_3"}[kind]
         return Detection(kind, variant, flavour, (component,), None, dtypes)
+    vae_prefix = COMPONENT_PREFIXES["vae"] if _has_prefix(keys, [COMPONENT_PREFIXES["vae"]]) else ""
+    if f"{vae_prefix}decoder.conv_in.weight" in shapes and _has_prefix(keys, [f"{vae_prefix}encoder.down"]):
+        layout = "diffusers" if _has_prefix(keys, [f"{vae_prefix}encoder.down_blocks."]) else "LDM"
+        latent = shapes[f"{vae_prefix}decoder.conv_in.weight"][1]
+        return Detection("vae", f"VAE ({layout} layout, {latent} latent channels)", flavour, ("vae",), None, dtypes)
     if any(k.startswith(MMDIT_PREFIX) for k in keys):
         raise ModelLoadError(f"{header.path}: has {MMDIT_PREFIX}* keys but no joint_blocks: not an SD3 MMDiT")
     sample = ", ".join(keys[:3])

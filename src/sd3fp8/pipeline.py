@@ -6,20 +6,23 @@ reproducible noise and reporting. Load once, call many times.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .errors import ConfigError, ModelLoadError
+from .components import FileSource
 from .linear import ActivationScaling, Backend, resolve_backend
 from .policy import COMPONENTS, Policy, Precision
-from .swap import quantize_linears
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +41,16 @@ class RuntimeConfig:
     backend: Backend = Backend.AUTO
     force_fp8: bool = False  # run scaled-mm even without FP8 tensor cores (slow on CPU; for testing)
     activation: ActivationScaling = ActivationScaling.TENSOR
-    offload: str = "none"  # none | model (diffusers' model CPU offload; needs an accelerator)
+    # none | model (diffusers' model CPU offload; needs an accelerator) | stages (load each stage's
+    # components when it runs and free them after: text encoders, then the transformer; peak memory
+    # is the largest stage instead of the sum, at the price of loading on every call)
+    offload: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend.parse(self.backend))
         object.__setattr__(self, "activation", ActivationScaling.parse(self.activation))
-        if self.offload not in ("none", "model"):
-            raise ConfigError(f"unknown offload mode {self.offload!r}: expected 'none' or 'model'")
+        if self.offload not in ("none", "model", "stages"):
+            raise ConfigError(f"unknown offload mode {self.offload!r}: expected none, model or stages")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"unknown compute dtype {self.dtype!r}: expected auto, bf16, fp16 or fp32")
 
@@ -132,6 +138,15 @@ def read_recipe(path: Path, default_side: int) -> Recipe:
     return Recipe(**{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(Recipe)}})
 
 
+# Model-card recipes by architecture (Large and Large Turbo share shapes: Turbo users pass --steps 4 --cfg 0).
+VARIANT_RECIPES = {"SD3 Medium": {"steps": 28, "cfg": 7.0}, "SD3.5 Medium": {"steps": 40, "cfg": 4.5},
+                   "SD3.5 Large / Large Turbo": {"steps": 28, "cfg": 3.5}}
+
+
+def variant_recipe(variant: str, default_side: int) -> Recipe:
+    return Recipe(**VARIANT_RECIPES.get(variant, {}), width=default_side, height=default_side)
+
+
 @dataclasses.dataclass
 class GenerationResult:
     images: list  # PIL images
@@ -159,76 +174,75 @@ class SD3FP8Pipeline:
     >>> result.images[0].save("out.png")                               # doctest: +SKIP
     """
 
-    def __init__(self, pipe, policy: Policy, runtime: RuntimeConfig, model_path: Path, compute_dtype, device, fp8_layers, recipe):
+    def __init__(self, pipe, policy: Policy, runtime: RuntimeConfig, model_path: Path, compute_dtype, device, fp8_layers, recipe,
+                 sources=None, stage_loader: Callable | None = None):
         self.pipe, self.policy, self.runtime = pipe, policy, runtime
         self.model_path, self.compute_dtype, self.device = model_path, compute_dtype, device
         self.fp8_layers = fp8_layers  # component -> names of its FP8Linear modules
         self.recipe = recipe
+        self.sources = sources  # where each component came from (sources.ModelSources)
+        self.stage_loader = stage_loader  # offload=stages: component name -> (module, fp8 names)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path | None = None, policy: Policy | None = None, runtime: RuntimeConfig | None = None,
-        transformer_file: str | Path | None = None,
+        transformer_file: str | Path | None = None, *, checkpoint: str | None = None,
+        extra_files: tuple[str | Path, ...] = (), tokenizers: str | Path | None = None,
     ) -> SD3FP8Pipeline:
-        """Load a diffusers-format SD3 folder (default: the bundled model) and apply ``policy``.
+        """Load a model (default: the bundled one) and store its components as ``policy`` says.
 
-        ``transformer_file``: take the MMDiT from an original-layout single file instead (16-bit,
-        plain FP8, ComfyUI scaled FP8 or sd3fp8 format); the folder supplies everything else.
+        ``path``: a diffusers folder, a single-file checkpoint (original layout, any precision,
+        all-in-one or MMDiT only) or a ComfyUI tree (``checkpoint`` picks the file when it has several).
+        ``extra_files``: text-encoder / VAE files or folders for a single-file checkpoint.
+        ``tokenizers``: a diffusers SD3.5 download or a ComfyUI root (single files carry none).
+        ``transformer_file``: take the MMDiT from this file; the model supplies everything else.
         """
         from diffusers import StableDiffusion3Pipeline
 
-        from .models import default_model_path
+        from .loading import LoadSettings, effective_policy, load_component, load_scheduler, load_tokenizers
+        from .sources import resolve_sources
 
         policy = policy or Policy()
         runtime = runtime or RuntimeConfig()
-        path = Path(path) if path is not None else default_model_path()
-        check_model_folder(path)
         device = resolve_device(runtime.device)
         compute_dtype = resolve_compute_dtype(runtime.dtype, device, policy.transformer)
         if runtime.offload == "model" and device.type == "cpu":
-            raise ConfigError("--offload model needs a GPU (it moves components between CPU and GPU); this run is on the CPU: use --offload none")
-        backend = resolve_backend(runtime.backend, device, runtime.force_fp8)  # fail early on a bad request
-
-        dtypes = {c: policy.precision(c).storage_dtype(compute_dtype) for c in COMPONENTS}
-        extra = {}
-        if policy.text_encoder_3 is Precision.OFF:
-            extra = {"text_encoder_3": None, "tokenizer_3": None}
-        fp8_layers = {}
+            raise ConfigError("--offload model needs a GPU (it moves components between CPU and GPU); this run is on the CPU: use --offload none or stages")
+        resolve_backend(runtime.backend, device, runtime.force_fp8)  # fail early on a bad request
+        sources = resolve_sources(path, policy, checkpoint, tuple(Path(p) for p in extra_files), Path(tokenizers) if tokenizers else None)
+        if sources.folder is not None:
+            check_model_folder(sources.folder)
         if transformer_file is not None:
-            from .singlefile import load_mmdit
+            sources = dataclasses.replace(sources, files={**sources.files, "transformer": FileSource(Path(transformer_file))})
+        policy = effective_policy(policy, sources)
+        settings = LoadSettings(device, compute_dtype, runtime.backend, runtime.force_fp8, runtime.activation)
+        with_t5 = policy.text_encoder_3 is not Precision.OFF
+        tokenizer_set = load_tokenizers(sources, with_t5)
+        staged = ("transformer",) + TEXT_ENCODERS if runtime.offload == "stages" else ()
 
-            extra["transformer"], fp8_layers["transformer"], detection = load_mmdit(
-                transformer_file, policy, dtypes["transformer"], device, runtime.backend, runtime.force_fp8, runtime.activation
-            )
-            log.info("transformer from %s: %s", transformer_file, detection.describe())
-        try:
-            with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones know only it
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                pipe = StableDiffusion3Pipeline.from_pretrained(
-                    path, local_files_only=True, torch_dtype={**dtypes, "default": compute_dtype}, **extra
-                )
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ModelLoadError(f"cannot load {path}: {e}") from None
-        pipe.set_progress_bar_config(disable=True)  # we report steps through our own callback
+        def load(name):
+            return load_component(name, sources, policy, settings, tokenizer_set)
 
-        for component in COMPONENTS:
-            module = getattr(pipe, component, None)
-            precision = policy.precision(component)
-            if module is None or not precision.is_fp8 or component in fp8_layers:
+        resident = {}
+        fp8_layers = {}
+        for name in COMPONENTS:
+            if name in staged or (name == "text_encoder_3" and not with_t5):
+                resident[name] = None
                 continue
-            fp8_layers[component] = quantize_linears(
-                module, policy.layer_filter(component), precision.fp8_format, policy.granularity,
-                # text encoders run once per prompt: weight-only is cheaper than quantizing activations
-                backend if component == "transformer" else Backend.WEIGHT_ONLY,
-                device=device, force_fp8=runtime.force_fp8 and component == "transformer", activation=runtime.activation,
-            )
-            log.info("%s: %d linears stored in %s", component, len(fp8_layers[component]), precision.value)
+            resident[name], fp8_layers[name] = load(name)
+        pipe = StableDiffusion3Pipeline(scheduler=load_scheduler(sources), **resident, tokenizer=tokenizer_set["tokenizer"],
+                                        tokenizer_2=tokenizer_set["tokenizer_2"], tokenizer_3=tokenizer_set.get("tokenizer_3"))
+        pipe.set_progress_bar_config(disable=True)  # we report steps through our own callback
         if runtime.offload == "model":
             pipe.enable_model_cpu_offload(device=device)
-        else:
-            pipe.to(device)
-        default_side = pipe.transformer.config.sample_size * pipe.vae_scale_factor
-        return cls(pipe, policy, runtime, path, compute_dtype, device, fp8_layers, read_recipe(path, default_side))
+        model_path = sources.folder or Path(sources.label)
+        sample_size = sources.mmdit.mmdit_config["sample_size"] if sources.mmdit else None
+        if sample_size is None:
+            sample_size = (pipe.transformer.config.sample_size if pipe.transformer is not None
+                           else json.loads((sources.folder / "transformer" / "config.json").read_text())["sample_size"])
+        side = sample_size * pipe.vae_scale_factor
+        recipe = read_recipe(sources.folder, side) if sources.folder else variant_recipe(sources.mmdit.variant, side)
+        return cls(pipe, policy, runtime, model_path, compute_dtype, device, fp8_layers, recipe, sources, load if staged else None)
 
     def __call__(
         self,
@@ -261,20 +275,50 @@ class SD3FP8Pipeline:
             return kwargs
 
         start = time.perf_counter()
+        text = {"prompt": [p for p in prompts for _ in range(batch)],
+                "negative_prompt": None if negative_prompt is None else [negative_prompt] * len(seeds)}
         with torch.inference_mode():
-            out = self.pipe(
-                prompt=[p for p in prompts for _ in range(batch)],
-                negative_prompt=None if negative_prompt is None else [negative_prompt] * len(seeds),
-                num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-                latents=latents, callback_on_step_end=on_step_end, output_type="pil",
-                max_sequence_length=self.recipe.max_sequence_length,
-            )
+            if self.stage_loader is not None:
+                text = self.encode_in_stage(text, cfg > 1)
+            with self.stage("transformer"):
+                out = self.pipe(
+                    **text, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
+                    latents=latents, callback_on_step_end=on_step_end, output_type="pil",
+                    max_sequence_length=self.recipe.max_sequence_length,
+                )
         seconds = time.perf_counter() - start
         params = [
             self.parameters(p, negative_prompt, s, steps, cfg, width, height)
             for p, s in zip([p for p in prompts for _ in range(batch)], seeds)
         ]
         return GenerationResult(out.images, params, seconds)
+
+    @contextlib.contextmanager
+    def stage(self, *names: str):
+        """With offload=stages: load ``names`` for the duration of the block, then free them."""
+        if self.stage_loader is None:
+            yield
+            return
+        for name in names:
+            if name != "text_encoder_3" or self.policy.text_encoder_3 is not Precision.OFF:
+                setattr(self.pipe, name, self.stage_loader(name)[0])
+        try:
+            yield
+        finally:
+            for name in names:
+                setattr(self.pipe, name, None)
+            gc.collect()
+
+    def encode_in_stage(self, text: dict, guidance: bool) -> dict:
+        """Prompt embeddings computed with the text encoders loaded only for this."""
+        with self.stage(*TEXT_ENCODERS):
+            embeds = self.pipe.encode_prompt(
+                prompt=text["prompt"], prompt_2=None, prompt_3=None, negative_prompt=text["negative_prompt"],
+                do_classifier_free_guidance=guidance, device=self.device,
+                max_sequence_length=self.recipe.max_sequence_length,
+            )
+        keys = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        return {k: v for k, v in zip(keys, embeds) if v is not None}
 
     def initial_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:
         """Gaussian latents drawn on the CPU in float32 from each seed: identical across devices and precisions."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Callable
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from .checkpoint import LazyTensors
 from .detection import detect
 from .errors import ModelLoadError
 from .fp8 import FP8Format, Granularity, dequantize, is_fp8, quantize_weight
-from .layouts import MMDIT_PREFIX, original_key_to_diffusers, original_module_to_diffusers
+from .layouts import IDENTITY, MMDIT_PREFIX, Transform, original_key_to_diffusers
 from .linear import ActivationScaling, Backend, FP8Linear, resolve_backend
 from .policy import Policy
 
@@ -43,19 +44,25 @@ def _mmdit_prefix(keys) -> str:
     return MMDIT_PREFIX if any(k.startswith(MMDIT_PREFIX) for k in keys) else ""
 
 
-def gather_mmdit_tensors(files: LazyTensors, num_layers: int) -> tuple[dict[str, SourceLinear], dict[str, torch.Tensor], bool]:
-    """Map every MMDiT tensor of ``files`` to diffusers names.
+def same_name(key: str) -> list[tuple[str, Transform]]:
+    """The key mapping of layouts that already use the model's own names (text encoders)."""
+    return [(key, IDENTITY)]
 
-    Returns (per-module weight/bias/scales, other tensors by diffusers key, weights-only flag).
+
+def gather_tensors(files: LazyTensors, prefix: str, key_targets: Callable[[str], list[tuple[str, Transform]]]
+                   ) -> tuple[dict[str, SourceLinear], dict[str, torch.Tensor], bool]:
+    """Map the tensors of ``files`` under ``prefix`` to the model's names (``key_targets`` raises
+    KeyError for a key the model does not have).
+
+    Returns (per-module weight/bias/scales, other tensors by key, weights-only flag).
     Weights-only is ComfyUI's 2-element ``scaled_fp8`` marker: input scales must not be used.
     """
-    prefix = _mmdit_prefix(files.keys())
     modules: dict[str, SourceLinear] = {}
     others: dict[str, torch.Tensor] = {}
     weights_only = False
     for key in files.keys():
         if not key.startswith(prefix):
-            continue  # VAE / text encoders of an all-in-one file
+            continue  # another component of an all-in-one file
         name = key[len(prefix):]
         if name == "scaled_fp8":
             weights_only = files.header.tensors[key].numel == 2
@@ -63,30 +70,111 @@ def gather_mmdit_tensors(files: LazyTensors, num_layers: int) -> tuple[dict[str,
         module, _, suffix = name.rpartition(".")
         if suffix in SKIPPED_SUFFIXES:
             continue
+        scale_field = "weight_scale" if suffix in WEIGHT_SCALE_SUFFIXES else "input_scale" if suffix in INPUT_SCALE_SUFFIXES else None
         try:
-            if suffix in WEIGHT_SCALE_SUFFIXES + INPUT_SCALE_SUFFIXES:
-                targets = original_module_to_diffusers(module, num_layers)
-                tensor = files.get(key).float()
-                field = "weight_scale" if suffix in WEIGHT_SCALE_SUFFIXES else "input_scale"
-                for target, transform in targets:
-                    setattr(modules.setdefault(target, SourceLinear()), field, transform.apply(tensor.reshape(-1) if tensor.numel() > 1 else tensor.reshape(())))
-                continue
-            targets = original_key_to_diffusers(name, num_layers)
+            targets = key_targets(module + ".weight" if scale_field else name)
         except KeyError:
-            raise ModelLoadError(f"{files.header.path}: unexpected tensor {key!r} in an SD3 MMDiT") from None
+            raise ModelLoadError(f"{files.header.path}: unexpected tensor {key!r}") from None
         tensor = files.get(key)
+        if scale_field:
+            tensor = tensor.float().reshape(-1) if tensor.numel() > 1 else tensor.float().reshape(())
         for target, transform in targets:
             module_name, _, field = target.rpartition(".")
-            if field in ("weight", "bias") and module_name != "pos_embed":
-                setattr(modules.setdefault(module_name, SourceLinear()), field, transform.apply(tensor))
+            value = transform.apply(tensor)
+            if scale_field:
+                setattr(modules.setdefault(module_name, SourceLinear()), scale_field, value)
+            elif field in ("weight", "bias") and module_name:
+                setattr(modules.setdefault(module_name, SourceLinear()), field, value)
             else:
-                others[target] = transform.apply(tensor)
+                others[target] = value
     return modules, others, weights_only
+
+
+def gather_mmdit_tensors(files: LazyTensors, num_layers: int) -> tuple[dict[str, SourceLinear], dict[str, torch.Tensor], bool]:
+    """Every MMDiT tensor of an original-layout file, under diffusers names."""
+    return gather_tensors(files, _mmdit_prefix(files.keys()), lambda key: original_key_to_diffusers(key, num_layers))
 
 
 def _check_finite_fp8(tensor: torch.Tensor, name: str, path) -> None:
     if not torch.isfinite(tensor.float()).all():
         raise ModelLoadError(f"{path}: tensor {name!r} holds NaN/Inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Recipe:
+    """Which linears of a component become FP8Linear, and how they run."""
+
+    keep: Callable[[str], bool]  # module name -> FP8?
+    fmt: FP8Format
+    granularity: Granularity
+    backend: Backend
+    activation: ActivationScaling = ActivationScaling.TENSOR
+
+    @classmethod
+    def from_policy(cls, policy: Policy, component: str, device, backend, force_fp8: bool, activation) -> FP8Recipe | None:
+        precision = policy.precision(component)
+        if not precision.is_fp8:
+            return None
+        # text encoders run once per prompt: weight-only is cheaper than quantizing activations
+        resolved = resolve_backend(backend, device, force_fp8) if component == "transformer" else Backend.WEIGHT_ONLY
+        return cls(policy.layer_filter(component), precision.fp8_format, policy.granularity, resolved, ActivationScaling.parse(activation))
+
+
+def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict[str, torch.Tensor], dtype: torch.dtype,
+                recipe: FP8Recipe | None, path, weights_only: bool = False, fp32_modules: tuple[str, ...] = ()) -> list[str]:
+    """Give ``model`` (parameters on meta) its tensors from a file; returns the names of its FP8 linears.
+
+    Linears the recipe keeps FP8 become FP8Linear (FP8 bytes of a matching format kept as they are),
+    the rest are dequantized/cast to ``dtype`` (modules named in ``fp32_modules`` stay float32).
+    """
+    state: dict[str, torch.Tensor] = {}
+    fp8_names = []
+    sources = dict(sources)
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        src = sources.pop(name, None)
+        if src is None or src.weight is None:
+            raise ModelLoadError(f"{path}: missing weight of {name!r}")
+        if tuple(src.weight.shape) != (module.out_features, module.in_features):
+            raise ModelLoadError(f"{path}: {name}.weight has shape {list(src.weight.shape)}, expected {[module.out_features, module.in_features]}")
+        if (src.bias is None) != (module.bias is None):
+            raise ModelLoadError(f"{path}: bias of {name!r} is {'missing' if src.bias is None else 'unexpected'}")
+        if recipe is not None and recipe.keep(name):
+            layer = _fp8_layer(name, module, src, recipe, weights_only, dtype, path)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer)
+            fp8_names.append(name)
+            continue
+        own = torch.float32 if name.rpartition(".")[2] in fp32_modules else dtype
+        weight = src.weight
+        if is_fp8(weight.dtype):
+            _check_finite_fp8(weight, name + ".weight", path)
+            scale = src.weight_scale if src.weight_scale is not None else torch.tensor(1.0)
+            weight = dequantize(weight, scale.reshape(-1, 1) if scale.dim() else scale, own)
+        state[name + ".weight"] = _checked(weight, name + ".weight", path).to(own)
+        if src.bias is not None:
+            state[name + ".bias"] = _checked(src.bias, name + ".bias", path).to(own)
+    module_names = dict(model.named_modules())
+    others = dict(others)
+    for name, src in sources.items():  # convolutions, norms, embeddings: plain tensors
+        if name not in module_names:
+            raise ModelLoadError(f"{path}: tensors for {name!r} match no layer of the detected architecture")
+        for field in ("weight", "bias"):
+            tensor = getattr(src, field)
+            if tensor is not None:
+                others[f"{name}.{field}"] = tensor
+    for key, tensor in others.items():
+        state[key] = _checked(tensor.float() if is_fp8(tensor.dtype) else tensor, key, path).to(dtype)
+    for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
+        if isinstance(target, str) and target not in state and source in state:
+            state[target] = state[source]  # e.g. T5's encoder.embed_tokens = shared
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not any(k.startswith(n + ".") for n in fp8_names)]
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if missing or unexpected or still_meta:
+        raise ModelLoadError(f"{path}: missing tensors {(missing or still_meta)[:5]}, unexpected {unexpected[:5]}")
+    return fp8_names
 
 
 def load_mmdit(
@@ -106,55 +194,12 @@ def load_mmdit(
         if detection.kind != "mmdit-original":
             raise ModelLoadError(f"{path}: holds {detection.describe()}, not an original-layout SD3 MMDiT")
         config = detection.mmdit_config
-        formats = {q.get("format") for q in comfy_quant_layers(files).values()} - {"float8_e4m3fn", "float8_e5m2"}
-        if formats:
-            raise ModelLoadError(f"{path}: ComfyUI quantization format(s) {sorted(map(str, formats))} are not supported")
+        check_comfy_quant(files)
         sources, others, weights_only = gather_mmdit_tensors(files, config["num_layers"])
         with torch.device("meta"):
             model = SD3Transformer2DModel(**config)
-        keep_fp8 = policy.layer_filter("transformer")
-        fmt = policy.transformer.fp8_format if policy.transformer.is_fp8 else None
-        resolved = resolve_backend(backend, device, force_fp8) if fmt else None
-        state: dict[str, torch.Tensor] = {}
-        fp8_names = []
-        for name, module in list(model.named_modules()):
-            if type(module) is not nn.Linear:
-                continue
-            src = sources.pop(name, None)
-            if src is None or src.weight is None:
-                raise ModelLoadError(f"{path}: missing weight of {name!r} (original layout)")
-            if tuple(src.weight.shape) != (module.out_features, module.in_features):
-                raise ModelLoadError(f"{path}: {name}.weight has shape {list(src.weight.shape)}, expected {[module.out_features, module.in_features]}")
-            if (src.bias is None) != (module.bias is None):
-                raise ModelLoadError(f"{path}: bias of {name!r} is {'missing' if src.bias is None else 'unexpected'}")
-            if fmt is not None and keep_fp8(name):
-                layer = _fp8_layer(name, module, src, fmt, policy.granularity, resolved, activation, weights_only, compute_dtype, path)
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, layer)
-                fp8_names.append(name)
-            else:
-                weight = src.weight
-                if is_fp8(weight.dtype):
-                    _check_finite_fp8(weight, name + ".weight", path)
-                    scale = src.weight_scale if src.weight_scale is not None else torch.tensor(1.0)
-                    weight = dequantize(weight, scale.reshape(-1, 1) if scale.dim() else scale, compute_dtype)
-                state[name + ".weight"] = _checked(weight, name + ".weight", path).to(compute_dtype)
-                if src.bias is not None:
-                    state[name + ".bias"] = _checked(src.bias, name + ".bias", path).to(compute_dtype)
-        module_names = dict(model.named_modules())
-        for name, src in sources.items():  # convolutions and norms: plain tensors
-            if name not in module_names:
-                raise ModelLoadError(f"{path}: tensors for {name!r} match no layer of the detected architecture")
-            for field in ("weight", "bias"):
-                tensor = getattr(src, field)
-                if tensor is not None:
-                    others[f"{name}.{field}"] = tensor
-        for key, tensor in others.items():
-            state[key] = _checked(tensor.float() if is_fp8(tensor.dtype) else tensor, key, path).to(compute_dtype)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [k for k in missing if not any(k.startswith(n + ".") for n in fp8_names)]
-        if missing or unexpected:
-            raise ModelLoadError(f"{path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+        recipe = FP8Recipe.from_policy(policy, "transformer", device, backend, force_fp8, activation)
+        fp8_names = materialize(model, sources, others, compute_dtype, recipe, path, weights_only)
     return model.eval(), fp8_names, detection
 
 
@@ -164,9 +209,9 @@ def _checked(tensor: torch.Tensor, name: str, path) -> torch.Tensor:
     return tensor
 
 
-def _fp8_layer(name, module, src: SourceLinear, fmt: FP8Format, granularity: Granularity, backend: Backend,
-               activation, weights_only: bool, compute_dtype, path) -> FP8Linear:
+def _fp8_layer(name, module, src: SourceLinear, recipe: FP8Recipe, weights_only: bool, compute_dtype, path) -> FP8Linear:
     """An FP8Linear from file tensors: FP8 bytes kept as they are when the format matches."""
+    fmt, granularity = recipe.fmt, recipe.granularity
     if is_fp8(src.weight.dtype) and src.weight.dtype == fmt.dtype:
         _check_finite_fp8(src.weight, name + ".weight", path)
         scale = src.weight_scale if src.weight_scale is not None else torch.tensor(1.0)  # plain cast: value = stored
@@ -179,13 +224,19 @@ def _fp8_layer(name, module, src: SourceLinear, fmt: FP8Format, granularity: Gra
             weight = dequantize(weight, scale.reshape(-1, 1) if scale.dim() else scale)
         weight_fp8, scale = quantize_weight(weight, fmt, granularity, f"{path}: {name}.weight")
     layer = FP8Linear(module.in_features, module.out_features, bias=module.bias is not None, fmt=fmt,
-                      granularity=granularity, backend=backend, activation=ActivationScaling.parse(activation), device="meta")
+                      granularity=granularity, backend=recipe.backend, activation=recipe.activation, device="meta")
     layer.weight, layer.weight_scale = weight_fp8, scale.float()
     if src.bias is not None:
         layer.bias = nn.Parameter(_checked(src.bias, name + ".bias", path).to(compute_dtype), requires_grad=False)
     if src.input_scale is not None and not weights_only:
         layer.set_input_scale(src.input_scale)
     return layer
+
+
+def check_comfy_quant(files: LazyTensors) -> None:
+    formats = {q.get("format") for q in comfy_quant_layers(files).values()} - {"float8_e4m3fn", "float8_e5m2"}
+    if formats:
+        raise ModelLoadError(f"{files.header.path}: ComfyUI quantization format(s) {sorted(map(str, formats))} are not supported")
 
 
 def comfy_quant_layers(files: LazyTensors) -> dict[str, dict]:

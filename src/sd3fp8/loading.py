@@ -1,0 +1,122 @@
+"""Load one pipeline component from its source (a diffusers folder or a file), stored as the policy says."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+
+import torch
+
+from .checkpoint import read_header
+from .components import load_clip, load_t5, load_vae
+from .detection import fp8_flavour
+from .errors import ModelLoadError
+from .linear import ActivationScaling, Backend
+from .policy import Policy, Precision
+from .singlefile import FP8Recipe, load_mmdit
+from .sources import ModelSources
+from .swap import quantize_linears
+
+log = logging.getLogger(__name__)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSettings:
+    device: torch.device
+    compute_dtype: torch.dtype
+    backend: Backend = Backend.AUTO
+    force_fp8: bool = False
+    activation: ActivationScaling = ActivationScaling.TENSOR
+
+
+def effective_policy(policy: Policy, sources: ModelSources) -> Policy:
+    """``auto`` text encoders read from FP8 files stay FP8 (as stored) instead of being expanded to
+    16/32 bit: a user who downloaded ``t5xxl_fp8_e4m3fn*.safetensors`` chose that memory."""
+    changes = {}
+    for name in TEXT_ENCODERS:
+        source = sources.files.get(name)
+        if source is not None and policy.precision(name) is Precision.AUTO and fp8_flavour(read_header(source.path)) != "none":
+            changes[name] = Precision.FP8_E4M3
+            log.info("%s: %s is FP8; kept FP8 (set its precision to override)", name, source.path)
+    return policy.replace(**changes) if changes else policy
+
+
+def _quiet_from_pretrained(load, *args, **kwargs):
+    with warnings.catch_warnings():  # newer libraries renamed torch_dtype; older ones know only it
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+        try:
+            return load(*args, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ModelLoadError(f"cannot load {args[0]}: {e}") from None
+
+
+def _from_folder(name: str, sources: ModelSources, dtype: torch.dtype):
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    folder = sources.folder / name
+    if not folder.is_dir():
+        raise ModelLoadError(f"{sources.folder} has no {name}/ folder")
+    if name in ("transformer", "vae"):
+        cls = SD3Transformer2DModel if name == "transformer" else AutoencoderKL
+        return _quiet_from_pretrained(cls.from_pretrained, sources.folder, subfolder=name, torch_dtype=dtype, local_files_only=True)
+    cls = T5EncoderModel if name == "text_encoder_3" else CLIPTextModelWithProjection
+    return _quiet_from_pretrained(cls.from_pretrained, folder, torch_dtype=dtype, local_files_only=True)
+
+
+def load_component(name: str, sources: ModelSources, policy: Policy, settings: LoadSettings, tokenizers: dict):
+    """(module on the device, names of its FP8 linears) for one component."""
+    dtype = policy.precision(name).storage_dtype(settings.compute_dtype)
+    recipe = FP8Recipe.from_policy(policy, name, settings.device, settings.backend,
+                                   settings.force_fp8 and name == "transformer", settings.activation)
+    source = sources.files.get(name)
+    if source is None:
+        module = _from_folder(name, sources, dtype)
+        names = []
+        if recipe is not None:
+            names = quantize_linears(module, recipe.keep, recipe.fmt, recipe.granularity, recipe.backend, device=settings.device,
+                                     force_fp8=settings.force_fp8 and name == "transformer", activation=recipe.activation)
+    elif name == "transformer":
+        module, names, detection = load_mmdit(source.path, policy, dtype, settings.device, settings.backend,
+                                              settings.force_fp8, settings.activation)
+    elif name == "vae":
+        module, names = load_vae(source, dtype), []
+    elif name == "text_encoder_3":
+        module, names = load_t5(source, dtype, recipe)
+    else:
+        kind = "clip-l" if name == "text_encoder" else "clip-g"
+        module, names = load_clip(source, kind, tokenizers[name.replace("text_encoder", "tokenizer")].eos_token_id, dtype, recipe)
+    log.info("%s from %s: %d FP8 linears", name, source or sources.folder, len(names))
+    return module.to(settings.device).eval(), names
+
+
+def load_tokenizers(sources: ModelSources, with_t5: bool) -> dict:
+    """CLIP-L, CLIP-G (padded with "!" as OpenCLIP bigG is) and T5 tokenizers."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    folders = dict(sources.tokenizers)
+    if sources.folder is not None:
+        folders = {n: sources.folder / n for n in ("tokenizer", "tokenizer_2", "tokenizer_3")} | folders
+    out = {}
+    for name in ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if with_t5 else ()):
+        folder = folders[name]
+        if name == "tokenizer_3":
+            out[name] = _quiet_from_pretrained(T5TokenizerFast.from_pretrained, folder, local_files_only=True)
+            continue
+        # A diffusers tokenizer_2 folder already says pad "!"; ComfyUI's shared CLIP folder does not.
+        extra = {"pad_token": "!"} if name == "tokenizer_2" and sources.folder is None else {}
+        tok = _quiet_from_pretrained(CLIPTokenizer.from_pretrained, folder, local_files_only=True, **extra)
+        if tok.model_max_length > 1000:  # some exported CLIP tokenizers say "unlimited"; CLIP has 77 positions
+            tok.model_max_length = 77
+        out[name] = tok
+    return out
+
+
+def load_scheduler(sources: ModelSources):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if sources.folder is not None:
+        return _quiet_from_pretrained(FlowMatchEulerDiscreteScheduler.from_pretrained, sources.folder, subfolder="scheduler")
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3 / SD3.5's scheduler
