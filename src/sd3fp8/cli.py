@@ -22,7 +22,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and precision")
-    g.add_argument("--model", type=Path, help="diffusers-format SD3/SD3.5 folder (default: the bundled model)")
+    g.add_argument("--model", type=Path, help="diffusers SD3/SD3.5 folder, single-file checkpoint (.safetensors), or ComfyUI "
+                   "root / models folder (default: the bundled model)")
+    g.add_argument("--checkpoint", help="which checkpoint of a ComfyUI tree (file name or stem) when it has several")
+    g.add_argument("--text-encoders", type=Path, action="append", default=[], metavar="PATH",
+                   help="CLIP-L / CLIP-G / T5-XXL files or folders for a single-file checkpoint (repeatable; recognised by content)")
+    g.add_argument("--vae", type=Path, action="append", default=[], metavar="FILE", help="VAE file for a checkpoint that has none")
+    g.add_argument("--tokenizers", type=Path, metavar="DIR",
+                   help="tokenizer files for single files: a diffusers SD3.5 download or a ComfyUI root")
     g.add_argument("--transformer", type=Path, help="take the MMDiT from this single file (original/ComfyUI layout, any precision)")
     g.add_argument("--precision", help="transformer storage: fp8 (= fp8-e4m3), fp8-e5m2, bf16, fp16, fp32 (default fp8)")
     g.add_argument("--t5", help="T5-XXL encoder: fp8, bf16, fp16, fp32 or off (default: compute dtype)")
@@ -35,7 +42,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation", default="tensor", help="dynamic activation scales for scaled-mm: tensor or row")
     g.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16; fp32 on CPUs without bf16), bf16, fp16, fp32")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--offload", default="none", help="none or model (diffusers model CPU offload; needs a GPU)")
+    g.add_argument("--offload", default="none", help="none; model (diffusers model CPU offload, needs a GPU); stages (load the "
+                   "text encoders, then the transformer, only while each runs: peak memory is the largest stage)")
 
 
 def build_policy(args) -> Policy:
@@ -59,7 +67,10 @@ def build_engine(args):
         device=args.device, dtype=args.dtype, backend=args.backend, force_fp8=args.force_fp8,
         activation=args.activation, offload=args.offload,
     )
-    return SD3FP8Pipeline.from_pretrained(args.model, build_policy(args), runtime, transformer_file=args.transformer)
+    return SD3FP8Pipeline.from_pretrained(
+        args.model, build_policy(args), runtime, transformer_file=args.transformer, checkpoint=args.checkpoint,
+        extra_files=tuple(args.text_encoders + args.vae), tokenizers=args.tokenizers,
+    )
 
 
 def output_paths(out: Path | None, seeds: list[int]) -> list[Path]:

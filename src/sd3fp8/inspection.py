@@ -54,12 +54,13 @@ def inspect_pipeline(engine, layers: bool = False) -> dict:
         "device": str(engine.device),
         "compute_dtype": _dtype_name(engine.compute_dtype),
         "policy": engine.policy.to_dict(),
+        "sources": engine.sources.describe() if engine.sources else [],
         "components": {},
     }
     for component in COMPONENTS:
         module = getattr(engine.pipe, component, None)
-        if module is None:
-            report["components"][component] = None
+        if module is None:  # T5 off, or offload=stages (loaded only while it runs)
+            report["components"][component] = "staged" if engine.stage_loader and component in engine.sources.files else None
             continue
         summary = component_summary(module)
         summary["precision"] = engine.policy.precision(component).value
@@ -75,19 +76,20 @@ def _mb(n: int) -> str:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"model   {report['model']}", f"device  {report['device']} (compute {report['compute_dtype']})", ""]
+    lines = [f"model   {report['model']}", f"device  {report['device']} (compute {report['compute_dtype']})"]
+    lines += [f"source  {line}" for line in report.get("sources", [])] + [""]
     lines.append(f"{'component':<16}{'':<8}{'precision':<10}{'params':>14}{'bytes':>14}  fp8 layers  dtypes")
     for component, s in report["components"].items():
         label = COMPONENT_LABELS[component]
-        if s is None:
-            lines.append(f"{component:<16}{label:<8}{'off':<10}")
+        if not isinstance(s, dict):
+            lines.append(f"{component:<16}{label:<8}{s or 'off'}")
             continue
         dtypes = ", ".join(f"{d} {n / s['parameters']:.0%}" for d, n in s["dtypes"].items())
         lines.append(
             f"{component:<16}{label:<8}{s['precision']:<10}{s['parameters']:>14,}{_mb(s['bytes']):>14}  {s['fp8_layers']:>10}  {dtypes}"
         )
     for component, s in report["components"].items():
-        if not s or "layers" not in s:
+        if not isinstance(s, dict) or "layers" not in s:
             continue
         lines += ["", f"[{component}]"]
         for row in s["layers"]:

@@ -322,7 +322,7 @@ class SD3FP8Pipeline:
 
     def initial_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:
         """Gaussian latents drawn on the CPU in float32 from each seed: identical across devices and precisions."""
-        channels = self.pipe.transformer.config.in_channels
+        channels = self.pipe.vae.config.latent_channels  # the VAE stays loaded in every offload mode
         f = self.pipe.vae_scale_factor
         noise = [
             torch.randn((1, channels, height // f, width // f), generator=torch.Generator("cpu").manual_seed(s))
@@ -344,5 +344,8 @@ class SD3FP8Pipeline:
         """The backend the transformer's FP8 layers run (or "none" when it is not FP8)."""
         from .swap import fp8_layers
 
+        if self.pipe.transformer is None:  # offload=stages: loaded only while denoising
+            fp8 = self.policy.transformer.is_fp8
+            return resolve_backend(self.runtime.backend, self.device, self.runtime.force_fp8).value if fp8 else "none"
         backends = sorted({m.backend.value for m in fp8_layers(self.pipe.transformer).values()})
         return "+".join(backends) if backends else "none"

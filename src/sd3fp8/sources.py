@@ -203,16 +203,13 @@ def resolve_sources(model: Path | None, policy: Policy, checkpoint: str | None =
             files.setdefault(component, source)
     if policy.text_encoder_3 is Precision.OFF:
         files.pop("text_encoder_3", None)
-    missing = [c for c in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if c not in files]
-    if "text_encoder_3" in missing:
-        missing.remove("text_encoder_3")
-        if policy.text_encoder_3 is not Precision.OFF:
-            raise ModelLoadError(f"{model}: no T5-XXL encoder found (not in the file{', not in the ComfyUI tree' if comfy_root else ''}): "
-                                 "add one with --text-encoders t5xxl_fp16.safetensors (or an fp8 one), or run without it: --t5 off")
+    needed = ("vae", "text_encoder", "text_encoder_2") + (("text_encoder_3",) if policy.text_encoder_3 is not Precision.OFF else ())
+    missing = [c for c in needed if c not in files]
     if missing:
-        names = {"vae": "VAE", "text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G"}
+        names = {"vae": "VAE", "text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL"}
         raise ModelLoadError(f"{model}: no {', '.join(names[m] for m in missing)} found (not in the file"
-                             f"{', not in the ComfyUI tree' if comfy_root else ''}): pass the files with --text-encoders / --vae")
+                             f"{', not in the ComfyUI tree' if comfy_root else ''}): pass the files with --text-encoders / --vae"
+                             + (" (or run without T5: --t5 off)" if "text_encoder_3" in missing else ""))
     search = [p for p in (tokenizers, comfy_root.parent if comfy_root else None) if p is not None]
     found = find_tokenizers(search, need_t5="text_encoder_3" in files)
     return ModelSources(files=files, tokenizers=found, mmdit=detection, label=str(model))
