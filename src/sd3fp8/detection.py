@@ -37,13 +37,14 @@ FOREIGN = {
 class Detection:
     kind: str  # mmdit-original | mmdit-diffusers | clip-l | clip-g | t5-xxl | vae
     variant: str  # human-readable architecture
-    fp8: str  # none | plain-cast | comfy-scaled | comfy-quant
+    fp8: str  # none | plain-cast | comfy-scaled | comfy-quant | sd3fp8
     components: tuple[str, ...]  # what the file holds (transformer, vae, text encoders)
     mmdit_config: dict | None
     dtypes: dict[str, int]  # dtype name -> tensor count
 
     def describe(self) -> str:
         fp8 = {"none": "no FP8", "plain-cast": "FP8 plain cast (no scales)", "comfy-scaled": "ComfyUI scaled FP8",
+               "sd3fp8": "sd3fp8 FP8 (weight_scale per layer)",
                "comfy-quant": "ComfyUI per-layer quantization"}[self.fp8]
         return f"{self.variant} [{self.kind}], {fp8}; holds {', '.join(self.components)}"
 
@@ -58,6 +59,8 @@ def fp8_flavour(header: Header) -> str:
         return "comfy-quant"
     if any(k == "scaled_fp8" or k.endswith(".scaled_fp8") for k in keys):
         return "comfy-scaled"
+    if "sd3fp8_format_version" in header.metadata:
+        return "sd3fp8"
     if any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in header.tensors.values()):
         return "plain-cast"
     return "none"

@@ -10,8 +10,8 @@ import torch
 
 from .checkpoint import read_header
 from .components import load_clip, load_t5, load_vae
-from .detection import fp8_flavour
 from .errors import ModelLoadError
+from .fp8 import is_fp8
 from .linear import ActivationScaling, Backend
 from .policy import Policy, Precision
 from .singlefile import FP8Recipe, load_mmdit
@@ -37,10 +37,16 @@ def effective_policy(policy: Policy, sources: ModelSources) -> Policy:
     changes = {}
     for name in TEXT_ENCODERS:
         source = sources.files.get(name)
-        if source is not None and policy.precision(name) is Precision.AUTO and fp8_flavour(read_header(source.path)) != "none":
+        if source is not None and policy.precision(name) is Precision.AUTO and _holds_fp8(source):
             changes[name] = Precision.FP8_E4M3
             log.info("%s: %s is FP8; kept FP8 (set its precision to override)", name, source.path)
     return policy.replace(**changes) if changes else policy
+
+
+def _holds_fp8(source) -> bool:
+    """Whether the component's own tensors (not its file neighbours') are FP8."""
+    tensors = read_header(source.path).tensors
+    return any(is_fp8(t.dtype) for k, t in tensors.items() if k.startswith(source.prefix))
 
 
 def _quiet_from_pretrained(load, *args, **kwargs):

@@ -94,7 +94,8 @@ def _pick_checkpoint(models: Path, name: str | None) -> Path:
 
 def _fp8_rank(detection: Detection, want_fp8: bool) -> int:
     """Preference among several files of one text encoder: FP8 files when the policy wants FP8."""
-    order = ("comfy-scaled", "comfy-quant", "plain-cast", "none") if want_fp8 else ("none", "comfy-scaled", "comfy-quant", "plain-cast")
+    scaled = ("sd3fp8", "comfy-scaled", "comfy-quant", "plain-cast")  # scaled files lose less than plain casts
+    order = scaled + ("none",) if want_fp8 else ("none",) + scaled
     return order.index(detection.fp8)
 
 
