@@ -171,3 +171,13 @@ def test_format_parsing():
         FP8Format.parse("e3m4")
     with pytest.raises(ConfigError):
         Granularity.parse("block")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_finiteness_from_bytes_matches_float_conversion(dtype):
+    from sd3fp8.fp8 import fp8_all_finite
+
+    every_byte = torch.arange(256, dtype=torch.uint8).view(dtype)
+    finite = torch.isfinite(every_byte.float())
+    assert [fp8_all_finite(every_byte[i:i + 1]) for i in range(256)] == finite.tolist()
+    assert not fp8_all_finite(every_byte) and fp8_all_finite(every_byte[finite])

@@ -109,13 +109,16 @@ def read_header(path: str | Path) -> Header:
 
 
 class LazyTensors:
-    """Memory-mapped tensor access to a validated safetensors file (``with`` or ``close()``)."""
+    """Tensor-by-tensor reads from a validated safetensors file (``with`` or ``close()``).
+
+    Each ``get`` reads one tensor into its own memory with a plain file read (no memory map): a
+    mapped file keeps every page it touched in the process's resident set, so streaming a 16 GB
+    checkpoint through a map would count 16 GB; this way memory is what the caller keeps.
+    """
 
     def __init__(self, path: str | Path):
-        from safetensors import safe_open
-
         self.header = read_header(path)
-        self._file = safe_open(str(path), framework="pt", device="cpu")
+        self._file = open(self.header.path, "rb")
 
     def __enter__(self):
         return self
@@ -124,12 +127,20 @@ class LazyTensors:
         self.close()
 
     def close(self):
-        self._file = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def keys(self):
         return self.header.tensors.keys()
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.header.tensors:
+        info = self.header.tensors.get(name)
+        if info is None:
             raise ModelLoadError(f"{self.header.path}: missing tensor {name!r}")
-        return self._file.get_tensor(name)
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            self._file.seek(self.header.data_start + info.offsets[0])
+            if self._file.readinto(memoryview(data.numpy())) != info.nbytes:
+                raise ModelLoadError(f"{self.header.path}: truncated while reading tensor {name!r}")
+        return data.view(info.dtype).reshape(info.shape)

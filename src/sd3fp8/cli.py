@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -42,6 +43,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation", default="tensor", help="dynamic activation scales for scaled-mm: tensor or row")
     g.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16; fp32 on CPUs without bf16), bf16, fp16, fp32")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--calibration", type=Path, metavar="FILE", help="static FP8 input scales from `sd3fp8 calibrate` (used by scaled-mm)")
+    g.add_argument("--watch-clipping", action="store_true", help="count activations clipped by the calibrated ranges, per layer")
     g.add_argument("--offload", default="none", help="none; model (diffusers model CPU offload, needs a GPU); stages (load the "
                    "text encoders, then the transformer, only while each runs: peak memory is the largest stage)")
 
@@ -60,16 +63,16 @@ def build_policy(args) -> Policy:
     return policy.replace(**changes) if changes else policy
 
 
-def build_engine(args):
+def build_engine(args, policy: Policy | None = None):
     from .pipeline import RuntimeConfig, SD3FP8Pipeline
 
     runtime = RuntimeConfig(
         device=args.device, dtype=args.dtype, backend=args.backend, force_fp8=args.force_fp8,
-        activation=args.activation, offload=args.offload,
+        activation=args.activation, offload=args.offload, watch_clipping=args.watch_clipping,
     )
     return SD3FP8Pipeline.from_pretrained(
-        args.model, build_policy(args), runtime, transformer_file=args.transformer, checkpoint=args.checkpoint,
-        extra_files=tuple(args.text_encoders + args.vae), tokenizers=args.tokenizers,
+        args.model, policy or build_policy(args), runtime, transformer_file=args.transformer, checkpoint=args.checkpoint,
+        extra_files=tuple(args.text_encoders + args.vae), tokenizers=args.tokenizers, calibration=args.calibration,
     )
 
 
@@ -112,7 +115,20 @@ def cmd_generate(args) -> int:
     for image, params, path in zip(result.images, result.parameters, paths):
         save_png(image, path, params)
         print(f"wrote {path} (seed {params['seed']}, {params['precision']}, {params['backend']}, {result.seconds:.1f} s)")
+    print_clipping(engine)
     return 0
+
+
+def print_clipping(engine) -> None:
+    if engine.clip_counter is None:
+        return
+    rows = engine.clip_counter.report()
+    if not rows:
+        print(f"clipping: none ({sum(engine.clip_counter.calls.values())} calls inside their calibrated ranges)")
+        return
+    print(f"clipping: {len(rows)} layer(s) saw activations beyond their calibrated range (worst first):")
+    for r in rows[:20]:
+        print(f"  {r['name']:<50} {r['clipped_calls']}/{r['calls']} calls, up to {r['worst_ratio']:.2f}x the range")
 
 
 def inspect_file(path: Path, as_json: bool) -> int:
@@ -165,7 +181,7 @@ def cmd_eval(args) -> int:
     for spec in (args.reference, *candidates):
         parse_config(spec)  # fail before any generation
     report = evaluate(model, prompts, list(range(args.seeds)), args.reference, candidates, args.steps,
-                      Policy.load(args.policy) if args.policy else None, progress=not args.quiet)
+                      Policy.load(args.policy) if args.policy else None, progress=not args.quiet, calibration=args.calibration)
     print(markdown_table(report), end="")
     for path in write_report(report, args.out):
         print(f"wrote {path}")
@@ -175,11 +191,13 @@ def cmd_eval(args) -> int:
 def cmd_quantize(args) -> int:
     from tqdm import tqdm
 
+    from .calibration import Calibration
     from .quantize import QuantizeOptions, quantize_file
 
     options = QuantizeOptions(
         format=args.format, granularity=args.granularity or ("tensor" if args.format == "comfy" else "channel"),
         fp8=args.fp8, t5=args.t5, policy=Policy.load(args.policy) if args.policy else Policy(), force=args.force,
+        calibration=Calibration.load(args.calibration) if args.calibration else None,
     )
     if not args.src.is_file():
         raise ConfigError(f"{args.src} is not a file (quantize takes a single .safetensors checkpoint)")
@@ -195,6 +213,69 @@ def cmd_quantize(args) -> int:
     finally:
         bar.close()
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, from {args.src.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from tqdm import tqdm
+
+    from .calibration import calibrate, layer_sensitivity
+    from .evaluation import calibration_prompts, read_prompts
+
+    if not 1 <= args.samples <= 10000 or not 1 <= args.seeds <= 100:
+        raise ConfigError("--samples must be in 1..10000 and --seeds in 1..100")
+    if args.precision and not args.precision.startswith(("bf16", "fp16", "fp32", "auto")):
+        raise ConfigError("calibrate records a high-precision transformer: --precision bf16, fp16 or fp32")
+    if args.keep_budget is not None and not args.sensitivity:
+        raise ConfigError("--keep-budget needs the sensitivity ranking: add --sensitivity")
+    base = build_policy(args)  # the FP8 deployment policy the sensitivity and budget are about
+    if not base.transformer.is_fp8:
+        base = base.replace(transformer="fp8-e4m3")
+    engine = build_engine(args, base.replace(transformer=args.precision or "auto"))
+    prompts = read_prompts(args.prompts) if args.prompts else calibration_prompts(engine.model_path, args.samples)
+    prompts = prompts[: args.samples]
+    seeds = list(range(args.seeds))
+    bar = tqdm(total=len(prompts) * len(seeds), desc="calibrate", unit="img", disable=args.quiet)
+    cal = calibrate(engine, prompts, seeds, args.steps, args.cfg, on_image=lambda: bar.update(1))
+    bar.close()
+    cal = cal.with_method(args.method, args.percentile if args.method == "percentile" else None)
+    if args.sensitivity:
+        subset = prompts[: args.sensitivity_samples]
+        layers = [n for n in cal.stats if base.layer_filter("transformer")(n)]
+        bar = tqdm(total=len(layers), desc="sensitivity", unit="layer", disable=args.quiet)
+        ranking = layer_sensitivity(engine, cal, base, subset, [0], on_layer=lambda _: bar.update(1))
+        bar.close()
+        cal = dataclasses.replace(cal, sensitivity=tuple(ranking))
+    path = cal.save(args.out)
+    print(f"wrote {path}: {len(cal.stats)} layers over {len(prompts)} prompts x {len(seeds)} seeds x {cal.steps} steps "
+          f"({cal.method}{'' if cal.percentile is None else f' p{cal.percentile:g}'})")
+    for row in cal.sensitivity[:10]:
+        print(f"  sensitivity {row['error']:.3e}  {row['name']}")
+    if args.keep_budget is not None:
+        write_budget_policy(cal, base, args.keep_budget, args.policy_out or args.out.with_suffix(".policy.json"))
+    return 0
+
+
+def write_budget_policy(cal, base: Policy, budget: float, out: Path) -> None:
+    from .calibration import budget_policy
+
+    policy, kept = budget_policy(base, cal.sensitivity, cal.transformer_params, budget)
+    policy.save(out)
+    kept_params = sum(r["params"] for r in cal.sensitivity if r["name"] in kept)
+    print(f"wrote {out}: keeps {len(kept)} layer(s) in 16 bit ({kept_params / cal.transformer_params:.2%} of the transformer's "
+          f"parameters, budget {budget:g} %): {', '.join(kept) or 'none'}")
+
+
+def cmd_policy(args) -> int:
+    from .calibration import Calibration
+
+    base = Policy.load(args.policy) if args.policy else Policy()
+    if args.calibration is None:
+        print(base)
+        return 0
+    if args.keep_budget is None or args.out is None:
+        raise ConfigError("with --calibration, give --keep-budget P and --out FILE")
+    write_budget_policy(Calibration.load(args.calibration), base, args.keep_budget, args.out)
     return 0
 
 
@@ -232,9 +313,34 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", default="e4m3", help="e4m3 or e5m2")
     p.add_argument("--t5", default="keep", help="fp8 or keep: quantize a T5-XXL encoder found in the file")
     p.add_argument("--policy", type=Path, help="precision policy file: which MMDiT layers go FP8")
+    p.add_argument("--calibration", type=Path, help="store its static input scales (sd3fp8: input_scale, comfy: scale_input)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("calibrate", help="record activation ranges over denoising runs: static FP8 input scales, layer sensitivity")
+    p.add_argument("--prompts", type=Path, help="text file, one prompt per line (default: the model's calibration set)")
+    p.add_argument("--samples", type=int, default=32, help="how many prompts (default 32)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per prompt: 0..N-1 (default 1)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's recipe)")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the model's recipe)")
+    p.add_argument("--method", default="max", choices=("max", "percentile"), help="static scale: global max (default) or a percentile")
+    p.add_argument("--percentile", type=float, default=99.99, help="with --method percentile: 99, 99.9 or 99.99")
+    p.add_argument("--sensitivity", action="store_true", help="also rank layers by the final-latent error each causes alone")
+    p.add_argument("--sensitivity-samples", type=int, default=4, help="prompts the sensitivity runs use (default 4)")
+    p.add_argument("--keep-budget", type=float, metavar="P", help="write a policy keeping the most sensitive layers 16-bit within P %% of the parameters")
+    p.add_argument("--policy-out", type=Path, help="where that policy goes (default: OUT with .policy.json)")
+    p.add_argument("--out", type=Path, default=Path("calibration.json"), help="calibration file (default calibration.json)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("policy", help="print a policy, or derive a budgeted selective-precision policy from a calibration")
+    p.add_argument("--policy", type=Path, help="base policy file (default: the built-in policy)")
+    p.add_argument("--calibration", type=Path, help="calibration file holding a sensitivity ranking")
+    p.add_argument("--keep-budget", type=float, metavar="P", help="percentage of transformer parameters kept 16-bit")
+    p.add_argument("--out", type=Path, help="policy file to write")
+    p.set_defaults(func=cmd_policy)
 
     p = sub.add_parser("eval", help="compare precision configurations on the same prompts and seeds")
     p.add_argument("--model", type=Path, help="model folder (default: the bundled model)")
@@ -244,8 +350,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's recipe)")
     p.add_argument("--reference", default="bf16", help="reference configuration (default bf16)")
     p.add_argument("--candidates", default="fp8", help="comma-separated: fp8, fp8-tensor, fp8-e5m2, fp8-t5, fp8-scaled-mm, "
-                   "fp8-scaled-mm-row, no-t5, bf16, fp16, fp32; NAME@fp32 or @bf16 sets the compute dtype")
+                   "fp8-scaled-mm-row, fp8-static, fp8-static-keepP (P %% kept 16-bit), fp8-cast, no-t5, bf16, fp16, fp32; "
+                   "NAME@fp32 or @bf16 sets the compute dtype")
     p.add_argument("--policy", type=Path, help="base policy file the configurations modify")
+    p.add_argument("--calibration", type=Path, help="calibration file for the fp8-static configurations")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder (eval.json, eval.md, eval_grid.png)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,8 @@ class EvalConfig:
     name: str
     policy: dict
     runtime: dict
+    calibrated: bool = False  # static input scales from the eval's calibration file
+    keep_budget: float | None = None  # selective precision: % of parameters kept 16-bit by sensitivity
 
 
 # Named configurations, shared with `generate`'s options (precision / t5 / granularity / backend).
@@ -43,21 +46,27 @@ BASE_CONFIGS = {
     "fp8-t5": ({"text_encoder_3": "fp8"}, {}),
     "fp8-scaled-mm": ({}, {"force_fp8": True}),
     "fp8-scaled-mm-row": ({}, {"force_fp8": True, "activation": "row"}),
+    "fp8-static": ({}, {"force_fp8": True}),  # W8A8 with calibrated static input scales (needs --calibration)
+    "fp8-cast": ({"granularity": "none"}, {}),  # plain cast, no scales: what a naive fp8 checkpoint does
     "no-t5": ({"text_encoder_3": "off"}, {}),
 }
+KEEP = re.compile(r"fp8-static-keep(\d+(?:\.\d+)?)")  # fp8-static-keep2 = static + 2 % kept 16-bit
 
 
 def parse_config(spec: str) -> EvalConfig:
     """``name`` or ``name@dtype`` (compute dtype bf16/fp16/fp32 for FP8 configurations)."""
     name, _, dtype = spec.strip().partition("@")
-    if name not in BASE_CONFIGS:
-        raise ConfigError(f"unknown configuration {name!r}: expected one of {', '.join(BASE_CONFIGS)} (optionally @bf16/@fp32)")
-    policy, runtime = BASE_CONFIGS[name]
+    keep = KEEP.fullmatch(name)
+    if name not in BASE_CONFIGS and not keep:
+        raise ConfigError(f"unknown configuration {name!r}: expected one of {', '.join(BASE_CONFIGS)}, fp8-static-keepP "
+                          "(optionally @bf16/@fp32)")
+    policy, runtime = BASE_CONFIGS["fp8-static" if keep else name]
     if dtype:
         if dtype not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"unknown compute dtype {dtype!r} in {spec!r}")
         runtime = {**runtime, "dtype": dtype}
-    return EvalConfig(spec.strip(), dict(policy), dict(runtime))
+    calibrated = bool(keep) or name == "fp8-static"
+    return EvalConfig(spec.strip(), dict(policy), dict(runtime), calibrated, float(keep[1]) if keep else None)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -80,6 +89,16 @@ def default_prompts(model_path: Path, count: int = 8) -> list[str]:
     return read_prompts(Path(__file__).parent / "prompts" / "sd35.txt")[:count]
 
 
+def calibration_prompts(model_path: Path, count: int = 32) -> list[str]:
+    """Training-distribution captions for a shape-world model (never the held-out ones eval uses),
+    else the shipped SD3.5 calibration set."""
+    if model_world(model_path) == SHAPE_WORLD:
+        from .world import calibration_prompts as world_prompts
+
+        return world_prompts(count)
+    return read_prompts(Path(__file__).parent / "prompts" / "calibration.txt")[:count]
+
+
 def model_world(model_path: Path) -> str | None:
     recipe = model_path / RECIPE_FILE
     return json.loads(recipe.read_text()).get("world") if recipe.is_file() else None
@@ -96,8 +115,15 @@ class RunResult:
 
 
 def run_config(model: Path | None, config: EvalConfig, prompts: list[str], seeds: list[int], base_policy: Policy,
-               steps: int | None, on_image: Callable[[], None]) -> RunResult:
-    engine = SD3FP8Pipeline.from_pretrained(model, base_policy.replace(**config.policy), RuntimeConfig(**config.runtime))
+               steps: int | None, on_image: Callable[[], None], calibration: Path | None = None) -> RunResult:
+    policy = base_policy.replace(**config.policy)
+    if config.keep_budget is not None:
+        from .calibration import Calibration, budget_policy
+
+        cal = Calibration.load(calibration)
+        policy, _ = budget_policy(policy, cal.sensitivity, cal.transformer_params, config.keep_budget)
+    engine = SD3FP8Pipeline.from_pretrained(model, policy, RuntimeConfig(**config.runtime),
+                                            calibration=calibration if config.calibrated else None)
     images, start = [], time.perf_counter()
     for prompt in prompts:
         for seed in seeds:
@@ -122,6 +148,7 @@ def evaluate(
     steps: int | None = None,
     base_policy: Policy | None = None,
     progress: bool = True,
+    calibration: Path | None = None,
 ) -> dict:
     """Run every configuration on the same prompts and seeds; return the report (and images)."""
     from tqdm import tqdm
@@ -130,13 +157,15 @@ def evaluate(
 
     model_path = Path(model) if model is not None else default_model_path()
     configs = [parse_config(reference)] + [parse_config(c) for c in candidates]
+    if calibration is None and any(c.calibrated for c in configs):
+        raise ConfigError("fp8-static configurations need a calibration file: --calibration FILE (from `sd3fp8 calibrate`)")
     base_policy = base_policy or Policy()
     judged = model_world(model_path) == SHAPE_WORLD
     bar = tqdm(total=len(configs) * len(prompts) * len(seeds), desc="eval", unit="img", disable=not progress)
     runs = []
     for config in configs:
         bar.set_postfix(config=config.name)
-        runs.append(run_config(model_path, config, prompts, seeds, base_policy, steps, lambda: bar.update(1)))
+        runs.append(run_config(model_path, config, prompts, seeds, base_policy, steps, lambda: bar.update(1), calibration))
     bar.close()
 
     report = {

@@ -54,6 +54,7 @@ class Granularity(enum.Enum):
 
     TENSOR = "tensor"  # one scale for the whole tensor
     CHANNEL = "channel"  # one scale per output channel (row of an [out, in] weight)
+    NONE = "none"  # no scale: a plain cast (value = stored number), what naive fp8 checkpoints do
 
     @classmethod
     def parse(cls, name: str | Granularity) -> Granularity:
@@ -62,7 +63,7 @@ class Granularity(enum.Enum):
         for g in cls:
             if g.value == str(name).lower():
                 return g
-        raise ConfigError(f"unknown scale granularity {name!r}: expected 'tensor' or 'channel'")
+        raise ConfigError(f"unknown scale granularity {name!r}: expected 'tensor', 'channel' or 'none'")
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -70,6 +71,18 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
+
+
+# Smallest magnitude byte (sign bit cleared) that is not a finite number: e4m3fn has NaN only
+# (S.1111.111), e5m2 has Inf at S.11111.00 and NaN above it.
+_FP8_NONFINITE_FROM = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+
+
+def fp8_all_finite(tensor: torch.Tensor) -> bool:
+    """Whether an FP8 tensor holds only finite values, read from its bytes (no float conversion:
+    checking an 8 GB FP8 checkpoint through float32 copies cost more than loading it)."""
+    magnitude = tensor.view(torch.uint8) & 0x7F
+    return not bool((magnitude >= _FP8_NONFINITE_FROM[tensor.dtype]).any())
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:
@@ -117,11 +130,21 @@ def quantize_weight(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D [out, in] weight: returns (weight_fp8, scale_fp32).
 
-    The scale is [] per tensor and [out] per channel, the shapes stored in checkpoints.
+    The scale is [] per tensor and [out] per channel, the shapes stored in checkpoints. Same math
+    as ``quantize(weight, amax_to_scale(amax(weight)))`` in fewer passes over memory (one float32
+    copy, scaled and clamped in place; NaN/Inf show up in the min/max), which is what bounds
+    `sd3fp8 quantize`'s throughput.
     """
-    check_finite(weight, name)
-    scale = amax_to_scale(amax(weight, granularity), fmt)  # [] or [out, 1]
-    weight_fp8 = quantize(weight, scale, fmt)
+    w = weight.detach().to(torch.float32, copy=True)
+    lo, hi = torch.aminmax(w) if granularity is not Granularity.CHANNEL else torch.aminmax(w, dim=-1, keepdim=True)
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        check_finite(weight, name)  # names the count of bad values
+    if granularity is Granularity.NONE:
+        scale = torch.ones((), dtype=torch.float32, device=weight.device)
+    else:
+        scale = amax_to_scale(torch.maximum(lo.abs(), hi.abs()), fmt)  # [] or [out, 1]
+        w.div_(scale)
+    weight_fp8 = w.clamp_(-fmt.max, fmt.max).to(fmt.dtype)
     return weight_fp8, scale.reshape(-1) if granularity is Granularity.CHANNEL else scale
 
 

@@ -44,6 +44,28 @@ class _DecodeWorkspace(threading.local):
 _workspace = _DecodeWorkspace()
 
 
+class ClipCounter:
+    """Counts scaled-mm calls whose live activations exceeded the calibrated range (input_scale x 448),
+    i.e. were clipped: a calibration that does not fit the prompts shows up here, layer by layer.
+    Watching costs one amax per call, the reduction static scales save, so it is opt-in."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+        self.clipped: dict[str, int] = {}
+        self.worst: dict[str, float] = {}  # largest live amax / calibrated range
+
+    def record(self, name: str, live_amax: float, limit: float) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if live_amax > limit:
+            self.clipped[name] = self.clipped.get(name, 0) + 1
+            self.worst[name] = max(self.worst.get(name, 0.0), live_amax / limit)
+
+    def report(self) -> list[dict]:
+        """Clipped layers, worst first."""
+        rows = [{"name": n, "clipped_calls": c, "calls": self.calls[n], "worst_ratio": self.worst[n]} for n, c in self.clipped.items()]
+        return sorted(rows, key=lambda r: -r["worst_ratio"])
+
+
 class Backend(enum.Enum):
     AUTO = "auto"
     SCALED_MM = "scaled-mm"  # quantize the activation, FP8 GEMM (torch._scaled_mm)
@@ -141,6 +163,7 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=fmt.dtype, device=device))
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
         self.register_buffer("input_scale", None)
+        self.clip_watch: tuple[ClipCounter, str] | None = None  # (counter, this layer's name) when watched
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     @classmethod
@@ -220,6 +243,9 @@ class FP8Linear(nn.Module):
         x_2d = x.reshape(-1, self.in_features)  # [M, K]
         if self.input_scale is not None:
             x_scale = self.input_scale  # static: no amax reduction per call
+            if self.clip_watch is not None:
+                counter, name = self.clip_watch
+                counter.record(name, float(amax(x_2d, Granularity.TENSOR)), float(x_scale) * ACTIVATION_FORMAT.max)
         elif self.activation is ActivationScaling.ROW:
             x_scale = amax_to_scale(amax(x_2d, Granularity.CHANNEL), ACTIVATION_FORMAT)  # [M, 1]
         else:

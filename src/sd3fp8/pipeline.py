@@ -19,8 +19,10 @@ import torch
 
 from .errors import ConfigError, ModelLoadError
 from .components import FileSource
-from .linear import ActivationScaling, Backend, resolve_backend
+from .calibration import Calibration, apply_calibration
+from .linear import ActivationScaling, Backend, ClipCounter, resolve_backend
 from .policy import COMPONENTS, Policy, Precision
+from .swap import fp8_layers as fp8_layers_of
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -45,6 +47,7 @@ class RuntimeConfig:
     # components when it runs and free them after: text encoders, then the transformer; peak memory
     # is the largest stage instead of the sum, at the price of loading on every call)
     offload: str = "none"
+    watch_clipping: bool = False  # count scaled-mm calls clipped by static (calibrated) input scales
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend.parse(self.backend))
@@ -182,12 +185,15 @@ class SD3FP8Pipeline:
         self.recipe = recipe
         self.sources = sources  # where each component came from (sources.ModelSources)
         self.stage_loader = stage_loader  # offload=stages: component name -> (module, fp8 names)
+        self.calibration = None  # calibration.Calibration applied to the transformer, if any
+        self.clip_counter = None  # linear.ClipCounter when runtime.watch_clipping
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path | None = None, policy: Policy | None = None, runtime: RuntimeConfig | None = None,
         transformer_file: str | Path | None = None, *, checkpoint: str | None = None,
         extra_files: tuple[str | Path, ...] = (), tokenizers: str | Path | None = None,
+        calibration: str | Path | None = None,
     ) -> SD3FP8Pipeline:
         """Load a model (default: the bundled one) and store its components as ``policy`` says.
 
@@ -196,6 +202,8 @@ class SD3FP8Pipeline:
         ``extra_files``: text-encoder / VAE files or folders for a single-file checkpoint.
         ``tokenizers``: a diffusers SD3.5 download or a ComfyUI root (single files carry none).
         ``transformer_file``: take the MMDiT from this file; the model supplies everything else.
+        ``calibration``: a calibration file (`sd3fp8 calibrate`): its static input scales go to the
+        transformer's FP8 layers (used by scaled-mm); ``runtime.watch_clipping`` counts clipped calls.
         """
         from diffusers import StableDiffusion3Pipeline
 
@@ -220,8 +228,19 @@ class SD3FP8Pipeline:
         tokenizer_set = load_tokenizers(sources, with_t5)
         staged = ("transformer",) + TEXT_ENCODERS if runtime.offload == "stages" else ()
 
+        cal = Calibration.load(calibration) if calibration is not None else None
+        clip_counter = ClipCounter() if runtime.watch_clipping else None
+
         def load(name):
-            return load_component(name, sources, policy, settings, tokenizer_set)
+            module, names = load_component(name, sources, policy, settings, tokenizer_set)
+            if name == "transformer" and cal is not None:
+                uncovered = apply_calibration(module, cal, sources.label)
+                if uncovered:
+                    log.warning("calibration has no statistics for %d FP8 layers (dynamic scales there): %s", len(uncovered), uncovered[:5])
+            if name == "transformer" and clip_counter is not None:
+                for layer_name, layer in fp8_layers_of(module).items():
+                    layer.clip_watch = (clip_counter, layer_name)
+            return module, names
 
         resident = {}
         fp8_layers = {}
@@ -242,7 +261,9 @@ class SD3FP8Pipeline:
                            else json.loads((sources.folder / "transformer" / "config.json").read_text())["sample_size"])
         side = sample_size * pipe.vae_scale_factor
         recipe = read_recipe(sources.folder, side) if sources.folder else variant_recipe(sources.mmdit.variant, side)
-        return cls(pipe, policy, runtime, model_path, compute_dtype, device, fp8_layers, recipe, sources, load if staged else None)
+        engine = cls(pipe, policy, runtime, model_path, compute_dtype, device, fp8_layers, recipe, sources, load if staged else None)
+        engine.calibration, engine.clip_counter = cal, clip_counter
+        return engine
 
     def __call__(
         self,
@@ -260,6 +281,13 @@ class SD3FP8Pipeline:
         """Generate ``batch`` images per prompt. Image i of a batch uses seed ``seed + i``, so any
         image can be regenerated alone. ``callback`` receives {"step", "total", "timestep"} after
         every denoising step."""
+        return self._run(prompt, negative_prompt, steps, cfg, seed, width, height, batch, callback, "pil")
+
+    def latents(self, prompt: str, *, seed: int = 0, steps: int | None = None, cfg: float | None = None) -> torch.Tensor:
+        """The final latents (before the VAE) of one image: what calibration and sensitivity compare."""
+        return self._run(prompt, None, steps, cfg, seed, None, None, 1, None, "latent").images[0]
+
+    def _run(self, prompt, negative_prompt, steps, cfg, seed, width, height, batch, callback, output_type) -> GenerationResult:
         steps = self.recipe.steps if steps is None else steps
         cfg = self.recipe.cfg if cfg is None else cfg
         width = self.recipe.width if width is None else width
@@ -283,7 +311,7 @@ class SD3FP8Pipeline:
             with self.stage("transformer"):
                 out = self.pipe(
                     **text, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-                    latents=latents, callback_on_step_end=on_step_end, output_type="pil",
+                    latents=latents, callback_on_step_end=on_step_end, output_type=output_type,
                     max_sequence_length=self.recipe.max_sequence_length,
                 )
         seconds = time.perf_counter() - start
@@ -342,10 +370,8 @@ class SD3FP8Pipeline:
 
     def transformer_backend(self) -> str:
         """The backend the transformer's FP8 layers run (or "none" when it is not FP8)."""
-        from .swap import fp8_layers
-
         if self.pipe.transformer is None:  # offload=stages: loaded only while denoising
             fp8 = self.policy.transformer.is_fp8
             return resolve_backend(self.runtime.backend, self.device, self.runtime.force_fp8).value if fp8 else "none"
-        backends = sorted({m.backend.value for m in fp8_layers(self.pipe.transformer).values()})
+        backends = sorted({m.backend.value for m in fp8_layers_of(self.pipe.transformer).values()})
         return "+".join(backends) if backends else "none"

@@ -20,11 +20,13 @@ import json
 import os
 import struct
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .calibration import Calibration, file_fingerprint
 from .checkpoint import DTYPE_NAMES, Header, LazyTensors
 from .detection import COMPONENT_PREFIXES, detect
 from .errors import ConfigError, ModelLoadError
@@ -33,6 +35,7 @@ from .layouts import MMDIT_PREFIX, original_module_to_diffusers
 from .policy import Policy, matches
 
 FORMAT_VERSION = "1"
+HASH_PLACEHOLDER = "0" * 64  # the source's SHA-256, filled in once the background hash is done
 T5_LINEAR_SUFFIXES = (".q.weight", ".k.weight", ".v.weight", ".o.weight", ".wi_0.weight", ".wi_1.weight", ".wo.weight")
 
 
@@ -44,6 +47,7 @@ class QuantizeOptions:
     t5: str = "keep"  # keep | fp8
     policy: Policy = Policy()
     force: bool = False
+    calibration: Calibration | None = None  # static input scales to store beside the FP8 weights
 
     def __post_init__(self):
         if self.format not in ("sd3fp8", "comfy"):
@@ -64,7 +68,8 @@ class Planned:
     source: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    role: str  # copy | weight | scale
+    role: str  # copy | weight | scale | marker | input_scale
+    value: float | None = None  # an input scale's value
 
 
 def _mmdit_layer_is_fp8(module: str, num_layers: int, keep) -> bool:
@@ -74,6 +79,13 @@ def _mmdit_layer_is_fp8(module: str, num_layers: int, keep) -> bool:
     except KeyError:
         return False
     return all(keep(name) for name, _ in targets)
+
+
+def input_scale_of(module: str, num_layers: int, scales: dict[str, float]) -> float | None:
+    """Calibrated input scale of an original-layout module: q, k and v of a fused qkv see the same
+    input, so their scales agree; the max covers them all. None when uncalibrated."""
+    found = [scales[name] for name, _ in original_module_to_diffusers(module, num_layers) if name in scales]
+    return max(found) if found else None
 
 
 def plan(header: Header, options: QuantizeOptions) -> list[Planned]:
@@ -87,6 +99,8 @@ def plan(header: Header, options: QuantizeOptions) -> list[Planned]:
     mmdit_prefix = MMDIT_PREFIX if any(k.startswith(MMDIT_PREFIX) for k in header.tensors) else ""
     num_layers = detection.mmdit_config["num_layers"] if detection.mmdit_config else 0
     scale_suffix = "weight_scale" if options.format == "sd3fp8" else "scale_weight"
+    input_suffix = "input_scale" if options.format == "sd3fp8" else "scale_input"
+    input_scales = options.calibration.input_scales() if options.calibration else {}
     out: list[Planned] = []
     if options.format == "comfy" and detection.kind == "mmdit-original":
         out.append(Planned(f"{mmdit_prefix}scaled_fp8", "", options.fp8.dtype, (0,), "marker"))
@@ -103,11 +117,23 @@ def plan(header: Header, options: QuantizeOptions) -> list[Planned]:
             scale_shape = (rows,) if options.granularity is Granularity.CHANNEL else ()
             out.append(Planned(name, name, options.fp8.dtype, info.shape, "weight"))
             out.append(Planned(name[: -len("weight")] + scale_suffix, name, torch.float32, scale_shape, "scale"))
+            if input_scales and name.startswith(mmdit_prefix) and detection.kind == "mmdit-original":
+                value = input_scale_of(name[len(mmdit_prefix):-len(".weight")], num_layers, input_scales)
+                if value is not None:
+                    out.append(Planned(name[: -len("weight")] + input_suffix, "", torch.float32, (), "input_scale", value))
         else:
             out.append(Planned(name, name, info.dtype, info.shape, "copy"))
     if options.t5 == "fp8" and not any(p.role == "weight" and (p.name.startswith(t5_prefix) if t5_prefix else detection.kind == "t5-xxl") for p in out):
         raise ConfigError(f"--t5 fp8: {header.path} holds no T5-XXL encoder")
     return out
+
+
+def check_calibration(files: LazyTensors, calibration: Calibration) -> None:
+    detection = detect(files.header)
+    if detection.kind != "mmdit-original":
+        raise ConfigError(f"--calibration applies to SD3 MMDiT checkpoints; {files.header.path} holds {detection.describe()}")
+    prefix = MMDIT_PREFIX if any(k.startswith(MMDIT_PREFIX) for k in files.keys()) else ""
+    calibration.check_fingerprint(file_fingerprint(files, detection.mmdit_config, prefix), str(files.header.path))
 
 
 def _nbytes(p: Planned) -> int:
@@ -128,6 +154,12 @@ def build_header(planned: list[Planned], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(blob)) + blob
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -136,9 +168,30 @@ def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
     return h.hexdigest()
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    tensor = tensor.contiguous().reshape(-1)  # 1-D: a 0-dim scale cannot be viewed as bytes
-    return tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (1-D first: a 0-dim scale cannot be viewed as bytes)."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class _BackgroundHash(threading.Thread):
+    """SHA-256 of a file computed while the conversion runs (hashlib releases the GIL)."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path, self.digest, self.error = path, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.digest = sha256_file(self.path)
+        except OSError as e:
+            self.error = e
+
+    def result(self) -> str:
+        self.join()
+        if self.error is not None:
+            raise ModelLoadError(f"cannot read {self.path}: {self.error.strerror}")
+        return self.digest
 
 
 def quantize_file(src: str | Path, dst: str | Path, options: QuantizeOptions = QuantizeOptions(),
@@ -153,17 +206,24 @@ def quantize_file(src: str | Path, dst: str | Path, options: QuantizeOptions = Q
         raise ConfigError(f"the output must be a .safetensors file, got {dst}")
     with LazyTensors(src) as files:
         planned = plan(files.header, options)
+        if options.calibration is not None:
+            check_calibration(files, options.calibration)
         metadata = {
             "format": "pt", "sd3fp8_format_version": FORMAT_VERSION, "sd3fp8_layout": options.format,
             "fp8": options.fp8.value, "granularity": options.granularity.value, "t5": options.t5,
-            "policy": json.dumps(options.policy.to_dict()), "source_sha256": sha256_file(src), "source_name": src.name,
+            "policy": json.dumps(options.policy.to_dict()), "source_sha256": HASH_PLACEHOLDER, "source_name": src.name,
         }
+        if options.calibration is not None:
+            metadata["calibration"] = json.dumps({"fingerprint": options.calibration.fingerprint, "method": options.calibration.method,
+                                                  "percentile": options.calibration.percentile, "prompts": len(options.calibration.prompts)})
         total = sum(_nbytes(p) for p in planned)
         dst.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+        source_hash = _BackgroundHash(src)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(build_header(planned, metadata))
+                header = build_header(planned, metadata)
+                f.write(header)
                 done, quantized = 0, {}
                 for p in planned:
                     if p.role == "marker":
@@ -172,6 +232,8 @@ def quantize_file(src: str | Path, dst: str | Path, options: QuantizeOptions = Q
                         w8, scale = quantize_weight(files.get(p.source), options.fp8, options.granularity, f"{src}: {p.source}")
                         quantized[p.source] = scale
                         data = _tensor_bytes(w8)
+                    elif p.role == "input_scale":
+                        data = _tensor_bytes(torch.tensor(p.value, dtype=torch.float32))
                     elif p.role == "scale":
                         data = _tensor_bytes(quantized.pop(p.source).reshape(p.shape))
                     else:
@@ -183,8 +245,13 @@ def quantize_file(src: str | Path, dst: str | Path, options: QuantizeOptions = Q
                     done += len(data)
                     if progress:
                         progress(done, total)
+                # the header was written with a placeholder of the hash's length: fill it in now
+                key = b'"source_sha256":"'
+                f.seek(header.index(key + HASH_PLACEHOLDER.encode()) + len(key))
+                f.write(source_hash.result().encode())
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
             os.replace(tmp, dst)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

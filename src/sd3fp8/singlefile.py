@@ -18,7 +18,7 @@ from torch import nn
 from .checkpoint import LazyTensors
 from .detection import detect
 from .errors import ModelLoadError
-from .fp8 import FP8Format, Granularity, dequantize, is_fp8, quantize_weight
+from .fp8 import FP8Format, Granularity, dequantize, fp8_all_finite, is_fp8, quantize_weight
 from .layouts import IDENTITY, MMDIT_PREFIX, Transform, original_key_to_diffusers
 from .linear import ActivationScaling, Backend, FP8Linear, resolve_backend
 from .policy import Policy
@@ -96,7 +96,7 @@ def gather_mmdit_tensors(files: LazyTensors, num_layers: int) -> tuple[dict[str,
 
 
 def _check_finite_fp8(tensor: torch.Tensor, name: str, path) -> None:
-    if not torch.isfinite(tensor.float()).all():
+    if not fp8_all_finite(tensor):
         raise ModelLoadError(f"{path}: tensor {name!r} holds NaN/Inf")
 
 

@@ -134,6 +134,12 @@ def heldout_scenes() -> list[Scene]:
     return out
 
 
+def calibration_prompts(n: int = 32, seed: int = 1234) -> list[str]:
+    """Captions of training-distribution scenes (never held-out ones) for calibration, deterministic."""
+    rng = random.Random(seed)
+    return [training_scene(rng).caption() for _ in range(n)]
+
+
 def heldout_prompts(n: int | None = None, seed: int = 0) -> list[str]:
     """``n`` held-out captions (all of them when None), a deterministic sample."""
     scenes = heldout_scenes()

@@ -1,0 +1,296 @@
+"""Calibration: activation statistics over whole denoising runs, static FP8 input scales, per-layer
+sensitivity and budgeted selective-precision policies.
+
+- ``calibrate`` runs the pipeline (every step, the CFG batch included) on representative prompts
+  with the transformer in high precision, recording for every Linear the amax and a few
+  percentiles of |input| at each step. Static scales default to the global max / 448 (NVIDIA's
+  recipe); ``percentile`` uses the largest per-step percentile instead.
+- ``layer_sensitivity`` measures, for each layer the policy makes FP8, the error of the final
+  latents when that layer alone runs W8A8 with its static scale and the rest stays high precision.
+- ``budget_policy`` keeps the most sensitive layers in 16 bit within a parameter budget.
+A calibration file is JSON; it names the model it was made for (a fingerprint of the
+transformer's layer shapes and its never-quantized patch embedder) and is refused elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .fp8 import FP8Format
+from .linear import FP8Linear
+from .policy import Policy
+
+FORMAT = "sd3fp8-calibration"
+VERSION = 1
+PERCENTILES = (99.0, 99.9, 99.99)
+SAMPLE_LIMIT = 2**20  # elements per call that the percentiles look at (evenly strided)
+ACTIVATION_MAX = FP8Format.E4M3.max
+
+
+class CalibrationError(ConfigError):
+    pass
+
+
+def fingerprint(linears: list[tuple[str, int, int]], patch_weight: torch.Tensor) -> str:
+    """Identity of a transformer that survives FP8 storage: every linear's name and shape, plus the
+    patch embedder's weights (a convolution, never quantized) rounded to bf16."""
+    h = hashlib.sha256()
+    for name, fan_in, fan_out in linears:
+        h.update(f"{name}:{fan_in}x{fan_out};".encode())
+    h.update(patch_weight.detach().flatten()[:4096].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(transformer: nn.Module) -> str:
+    linears = [(n, m.in_features, m.out_features) for n, m in transformer.named_modules() if isinstance(m, (nn.Linear, FP8Linear))]
+    return fingerprint(linears, transformer.pos_embed.proj.weight)
+
+
+def file_fingerprint(files, config: dict, prefix: str) -> str:
+    """The fingerprint of the MMDiT in an original-layout file (``files``: checkpoint.LazyTensors)."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**config)
+    linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return fingerprint(linears, files.get(prefix + "x_embedder.proj.weight"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """A calibration file's content: per-layer, per-step statistics and the scales derived from them."""
+
+    fingerprint: str
+    model: str
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    cfg: float
+    size: tuple[int, int]
+    timesteps: tuple[float, ...]
+    stats: dict  # layer -> {"amax": [per step], "p99": [...], "p99.9": [...], "p99.99": [...]}
+    method: str = "max"  # max | percentile
+    percentile: float | None = None
+    sensitivity: tuple = ()  # ranked [{"name", "error", "params"}], most sensitive first
+    transformer_params: int = 0  # what --keep-budget percentages are of
+
+    def __post_init__(self):
+        if self.method not in ("max", "percentile"):
+            raise CalibrationError(f"unknown calibration method {self.method!r}: expected max or percentile")
+        if self.method == "percentile" and f"p{self.percentile:g}" not in _percentile_keys():
+            raise CalibrationError(f"percentile must be one of {', '.join(f'{p:g}' for p in PERCENTILES)}, got {self.percentile}")
+
+    def input_scales(self) -> dict[str, float]:
+        """Static per-tensor scales: the range to cover / 448 (E4M3's largest value)."""
+        key = "amax" if self.method == "max" else f"p{self.percentile:g}"
+        return {name: max(max(s[key]), 1e-12) / ACTIVATION_MAX for name, s in self.stats.items()}
+
+    def with_method(self, method: str, percentile: float | None = None) -> Calibration:
+        return dataclasses.replace(self, method=method, percentile=percentile)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["sensitivity"] = list(self.sensitivity)
+        return {"format": FORMAT, "version": VERSION, **data, "input_scales": self.input_scales()}
+
+    def save(self, path: str | Path) -> Path:
+        return write_json_atomic(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as e:
+            raise CalibrationError(f"cannot read calibration file {path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{path} is not a calibration file (invalid JSON: {e})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CalibrationError(f"{path} is not an sd3fp8 calibration file")
+        if data.get("version") != VERSION:
+            raise CalibrationError(f"{path}: calibration format version {data.get('version')} is not supported (expected {VERSION})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        try:
+            values = {k: v for k, v in data.items() if k in fields}
+            for k in ("prompts", "seeds", "size", "timesteps", "sensitivity"):
+                values[k] = tuple(values.get(k, ()))
+            return cls(**values)
+        except TypeError as e:
+            raise CalibrationError(f"{path}: malformed calibration file ({e})") from None
+
+    def check_model(self, transformer: nn.Module, source: str = "this model") -> None:
+        self.check_fingerprint(model_fingerprint(transformer), source)
+
+    def check_fingerprint(self, found: str, source: str) -> None:
+        if found != self.fingerprint:
+            raise CalibrationError(f"calibration made for model {self.model} (fingerprint {self.fingerprint}) does not "
+                                   f"match {source} (fingerprint {found}): calibrate this model with `sd3fp8 calibrate`")
+
+
+def _percentile_keys() -> list[str]:
+    return [f"p{p:g}" for p in PERCENTILES]
+
+
+def write_json_atomic(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def activation_stats(x: torch.Tensor) -> dict[str, float]:
+    """amax and percentiles of |x| (percentiles on at most SAMPLE_LIMIT evenly strided elements)."""
+    flat = x.detach().reshape(-1).abs().float()
+    out = {"amax": float(flat.max()) if flat.numel() else 0.0}
+    sample = flat[:: max(1, flat.numel() // SAMPLE_LIMIT)]
+    qs = torch.quantile(sample, torch.tensor([p / 100 for p in PERCENTILES]))
+    out.update({k: float(q) for k, q in zip(_percentile_keys(), qs)})
+    return out
+
+
+class StatsRecorder:
+    """Forward pre-hooks on every Linear of a module: per-step maxima of activation statistics."""
+
+    def __init__(self, module: nn.Module):
+        self.step = 0
+        self.stats: dict[str, dict[str, list[float]]] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(name))
+                         for name, m in module.named_modules() if isinstance(m, (nn.Linear, FP8Linear))]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            layer = self.stats.setdefault(name, {})
+            for key, value in activation_stats(args[0]).items():
+                series = layer.setdefault(key, [])
+                while len(series) <= self.step:
+                    series.append(0.0)
+                series[self.step] = max(series[self.step], value)
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def calibrate(engine, prompts: list[str], seeds: list[int], steps: int | None = None, cfg: float | None = None,
+              on_image: Callable[[], None] | None = None) -> Calibration:
+    """Run ``engine`` (its transformer in high precision) over prompts x seeds and record statistics."""
+    transformer = engine.pipe.transformer
+    if transformer is None:
+        raise ConfigError("calibration needs the transformer resident: use --offload none")
+    if any(isinstance(m, FP8Linear) for m in transformer.modules()):
+        raise ConfigError("calibrate a high-precision transformer (precision bf16 or fp32), not an FP8 one")
+    steps = engine.recipe.steps if steps is None else steps
+    cfg = engine.recipe.cfg if cfg is None else cfg
+    recorder = StatsRecorder(transformer)
+    timesteps: list[float] = []
+
+    def on_step(info):
+        if len(timesteps) < info["total"]:
+            timesteps.append(info["timestep"])
+        recorder.step = info["step"] % info["total"]  # the next call belongs to the next step
+
+    try:
+        for prompt in prompts:
+            for seed in seeds:
+                recorder.step = 0
+                engine(prompt, seed=seed, steps=steps, cfg=cfg, callback=on_step)
+                if on_image:
+                    on_image()
+    finally:
+        recorder.close()
+    return Calibration(
+        fingerprint=model_fingerprint(transformer), model=str(engine.model_path), prompts=tuple(prompts), seeds=tuple(seeds),
+        steps=steps, cfg=cfg, size=(engine.recipe.width, engine.recipe.height), timesteps=tuple(timesteps), stats=recorder.stats,
+        transformer_params=sum(p.numel() for p in transformer.parameters()),
+    )
+
+
+def apply_calibration(transformer: nn.Module, calibration: Calibration, source: str = "this model") -> list[str]:
+    """Set static input scales on the transformer's FP8 layers; returns layers left dynamic (no statistics)."""
+    calibration.check_model(transformer, source)
+    scales = calibration.input_scales()
+    uncovered = []
+    for name, m in transformer.named_modules():
+        if isinstance(m, FP8Linear):
+            if name in scales:
+                m.set_input_scale(scales[name])
+            else:
+                uncovered.append(name)
+    return uncovered
+
+
+# ---- sensitivity and budgets ---------------------------------------------------------------
+
+def layer_sensitivity(engine, calibration: Calibration, policy: Policy, prompts: list[str], seeds: list[int],
+                      steps: int | None = None, on_layer: Callable[[str], None] | None = None) -> list[dict]:
+    """Rank the layers ``policy`` makes FP8 by the final-latent error each causes alone (W8A8, static scale).
+
+    error = ||latents_layer_fp8 - latents_ref||^2 / ||latents_ref||^2, averaged over prompts x seeds.
+    Deterministic: same noise, same prompts, no randomness in the measurement.
+    """
+    transformer = engine.pipe.transformer
+    calibration.check_model(transformer)
+    steps = calibration.steps if steps is None else steps
+    scales = calibration.input_scales()
+    keep = policy.layer_filter("transformer")
+    candidates = [n for n, m in transformer.named_modules() if type(m) is nn.Linear and keep(n) and n in scales]
+
+    def latents():
+        out = []
+        for prompt in prompts:
+            for seed in seeds:
+                out.append(engine.latents(prompt, seed=seed, steps=steps, cfg=calibration.cfg))
+        return torch.stack(out)
+
+    reference = latents()
+    ranking = []
+    for name in candidates:
+        parent_name, _, child = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name)
+        original = getattr(parent, child)
+        fp8 = FP8Linear.from_linear(original, policy.transformer.fp8_format, policy.granularity, "scaled-mm",
+                                    force_fp8=True, input_scale=scales[name], name=name)
+        setattr(parent, child, fp8)
+        try:
+            error = float(((latents() - reference).float().pow(2).sum() / reference.float().pow(2).sum().clamp_min(1e-20)))
+        finally:
+            setattr(parent, child, original)
+        ranking.append({"name": name, "error": error, "params": original.weight.numel()})
+        if on_layer:
+            on_layer(name)
+    ranking.sort(key=lambda r: (-r["error"], r["name"]))
+    return ranking
+
+
+def budget_policy(policy: Policy, ranking: list[dict] | tuple, transformer_params: int, budget_percent: float) -> tuple[Policy, list[str]]:
+    """Keep the most sensitive layers in 16 bit while their parameters fit in ``budget_percent`` % of
+    the transformer's parameters (on top of the policy's own exclusions). Returns (policy, kept layers)."""
+    if not 0 <= budget_percent <= 100:
+        raise ConfigError(f"--keep-budget must be a percentage in 0..100, got {budget_percent}")
+    if not ranking:
+        raise ConfigError("this calibration has no sensitivity ranking: run `sd3fp8 calibrate --sensitivity`")
+    allowance = transformer_params * budget_percent / 100
+    kept, used = [], 0
+    for row in ranking:
+        if used + row["params"] <= allowance:
+            kept.append(row["name"])
+            used += row["params"]
+    return policy.replace(exclude=policy.exclude + tuple(kept)), kept

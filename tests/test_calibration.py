@@ -1,0 +1,164 @@
+"""Calibration: statistics over denoising runs, static scales in the engine, the clipping counter,
+sensitivity ranking, budgeted policies, calibration stored in checkpoints, refusal for other models."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sd3fp8 import Policy
+from sd3fp8.calibration import (
+    Calibration,
+    CalibrationError,
+    apply_calibration,
+    budget_policy,
+    calibrate,
+    layer_sensitivity,
+    model_fingerprint,
+)
+from sd3fp8.cli import main
+from sd3fp8.errors import ConfigError
+from sd3fp8.linear import FP8Linear
+from sd3fp8.pipeline import RuntimeConfig, SD3FP8Pipeline
+from sd3fp8.tiny import TinySpec, write_tiny_model
+
+FP32 = RuntimeConfig(device="cpu", dtype="fp32")
+STATIC = RuntimeConfig(device="cpu", dtype="fp32", force_fp8=True)
+PROMPTS = ["a red circle", "a blue square on the left"]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_model):
+    engine = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(transformer="fp32"), FP32)
+    cal = calibrate(engine, PROMPTS, [0], steps=STEPS, cfg=2.0)
+    ranking = layer_sensitivity(engine, cal, Policy(), PROMPTS[:1], [0], steps=2)
+    return dataclasses.replace(cal, sensitivity=tuple(ranking)), engine
+
+
+def test_statistics_cover_every_linear_and_step(calibration):
+    cal, engine = calibration
+    linears = [n for n, m in engine.pipe.transformer.named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(cal.stats) == sorted(linears)
+    assert len(cal.timesteps) == STEPS and cal.prompts == tuple(PROMPTS)
+    for stats in cal.stats.values():
+        assert len(stats["amax"]) == STEPS
+        # percentiles never exceed the max, and the max is what static scales cover
+        assert all(p <= a + 1e-6 for p, a in zip(stats["p99.99"], stats["amax"]))
+    name = linears[0]
+    assert cal.input_scales()[name] == pytest.approx(max(cal.stats[name]["amax"]) / 448)
+    pct = cal.with_method("percentile", 99.9)
+    assert pct.input_scales()[name] == pytest.approx(max(cal.stats[name]["p99.9"]) / 448)
+    with pytest.raises(CalibrationError, match="percentile must be one of"):
+        cal.with_method("percentile", 42.0)
+
+
+def test_file_round_trip_and_bad_files(calibration, tmp_path):
+    cal, _ = calibration
+    path = cal.save(tmp_path / "cal.json")
+    assert Calibration.load(path) == cal
+    assert json.loads(path.read_text())["input_scales"] == pytest.approx(cal.input_scales())
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CalibrationError, match="invalid JSON"):
+        Calibration.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"format": "something-else"}')
+    with pytest.raises(CalibrationError, match="not an sd3fp8 calibration file"):
+        Calibration.load(tmp_path / "other.json")
+
+
+def test_static_scales_are_used_when_present_and_dynamic_otherwise(calibration, tiny_model, tmp_path):
+    cal, _ = calibration
+    path = cal.save(tmp_path / "cal.json")
+    static = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=STATIC, calibration=path)
+    dynamic = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=STATIC)
+    scales = cal.input_scales()
+    for name, layer in static.pipe.transformer.named_modules():
+        if isinstance(layer, FP8Linear):
+            assert float(layer.input_scale) == pytest.approx(scales[name]) and layer.describe()["activation"] == "static"
+    assert all(m.input_scale is None for m in dynamic.pipe.transformer.modules() if isinstance(m, FP8Linear))
+    a = static.latents("a red circle", steps=2)
+    b = dynamic.latents("a red circle", steps=2)
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.2)  # different scales, same picture
+
+
+def test_clipping_counter_counts(calibration, tiny_model, tmp_path):
+    cal, _ = calibration
+    watch = dataclasses.replace(STATIC, watch_clipping=True)
+    fitting = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=watch, calibration=cal.save(tmp_path / "cal.json"))
+    fitting.latents(PROMPTS[0], steps=STEPS, cfg=2.0)  # a calibrated prompt: inside its ranges
+    assert fitting.clip_counter.report() == [] and sum(fitting.clip_counter.calls.values()) > 0
+    tiny = dataclasses.replace(cal, stats={n: {**s, "amax": [a * 0.25 for a in s["amax"]]} for n, s in cal.stats.items()})
+    clipped = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=watch, calibration=tiny.save(tmp_path / "small.json"))
+    clipped.latents(PROMPTS[0], steps=STEPS, cfg=2.0)
+    rows = clipped.clip_counter.report()
+    fp8 = [n for n, m in clipped.pipe.transformer.named_modules() if isinstance(m, FP8Linear)]
+    assert {r["name"] for r in rows} == set(fp8)
+    assert all(r["clipped_calls"] == r["calls"] == STEPS and r["worst_ratio"] > 3.9 for r in rows)
+
+
+def test_sensitivity_ranking_is_deterministic_and_covers_the_fp8_layers(calibration):
+    cal, engine = calibration
+    again = layer_sensitivity(engine, cal, Policy(), PROMPTS[:1], [0], steps=2)
+    assert again == list(cal.sensitivity)
+    keep = Policy().layer_filter("transformer")
+    assert {r["name"] for r in again} == {n for n in cal.stats if keep(n)}
+    assert [r["error"] for r in again] == sorted((r["error"] for r in again), reverse=True)
+    assert all(r["error"] > 0 for r in again)
+    # the model under test is left as it was: no FP8 layer remains
+    assert not any(isinstance(m, FP8Linear) for m in engine.pipe.transformer.modules())
+
+
+def test_budget_keeps_exactly_the_chosen_layers():
+    ranking = [{"name": "a", "error": 3.0, "params": 50}, {"name": "b", "error": 2.0, "params": 30},
+               {"name": "c", "error": 1.0, "params": 10}, {"name": "d", "error": 0.5, "params": 40}]
+    assert budget_policy(Policy(), ranking, 1000, 0)[1] == []
+    assert budget_policy(Policy(), ranking, 1000, 5)[1] == ["a"]
+    assert budget_policy(Policy(), ranking, 1000, 6)[1] == ["a", "c"]  # b does not fit beside a; c does
+    policy, kept = budget_policy(Policy(), ranking, 1000, 100)
+    assert kept == ["a", "b", "c", "d"] and policy.exclude[-4:] == ("a", "b", "c", "d")
+    with pytest.raises(ConfigError, match="0..100"):
+        budget_policy(Policy(), ranking, 1000, 101)
+    with pytest.raises(ConfigError, match="no sensitivity ranking"):
+        budget_policy(Policy(), [], 1000, 1)
+
+
+def test_budgeted_policy_runs_those_layers_in_16_bit(calibration, tiny_model):
+    cal, _ = calibration
+    policy, kept = budget_policy(Policy(), cal.sensitivity, cal.transformer_params, 10)
+    assert kept
+    engine = SD3FP8Pipeline.from_pretrained(tiny_model, policy, FP32)
+    modules = dict(engine.pipe.transformer.named_modules())
+    assert all(type(modules[n]) is nn.Linear for n in kept)
+    assert set(engine.fp8_layers["transformer"]) == {r["name"] for r in cal.sensitivity} - set(kept)
+
+
+def test_calibration_for_another_model_is_refused(calibration, tmp_path):
+    cal, _ = calibration
+    other = write_tiny_model(tmp_path / "other", TinySpec(seed=7))
+    with pytest.raises(CalibrationError, match="does not match"):
+        SD3FP8Pipeline.from_pretrained(other, runtime=STATIC, calibration=cal.save(tmp_path / "cal.json"))
+    engine = SD3FP8Pipeline.from_pretrained(other, runtime=STATIC)
+    with pytest.raises(CalibrationError, match="fingerprint"):
+        apply_calibration(engine.pipe.transformer, cal)
+
+
+def test_fingerprint_survives_fp8_storage(calibration, tiny_model):
+    cal, engine = calibration
+    fp8 = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=FP32)
+    assert model_fingerprint(fp8.pipe.transformer) == model_fingerprint(engine.pipe.transformer) == cal.fingerprint
+
+
+def test_cli_calibrate_and_policy(tiny_model, tmp_path, capsys):
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", "--model", str(tiny_model), "--samples", "2", "--steps", "2", "--sensitivity",
+                 "--sensitivity-samples", "1", "--keep-budget", "20", "--out", str(out), "-q", "--dtype", "fp32"]) == 0
+    cal = Calibration.load(out)
+    assert len(cal.prompts) == 2 and cal.sensitivity
+    policy = Policy.load(out.with_suffix(".policy.json"))
+    assert set(policy.exclude) > set(Policy().exclude)
+    assert main(["policy", "--calibration", str(out), "--keep-budget", "0", "--out", str(tmp_path / "p0.json")]) == 0
+    assert Policy.load(tmp_path / "p0.json") == Policy()
+    assert main(["calibrate", "--model", str(tiny_model), "--keep-budget", "2"]) == 2
+    assert "needs the sensitivity ranking" in capsys.readouterr().err
