@@ -108,7 +108,7 @@ def cmd_synth(args) -> None:
 # ---- measurements, each in a fresh process ---------------------------------------------------
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # kB -> GB (1e9, like every size here)
 
 
 def measure_quantize(src: str, dst: str, t5: str) -> dict:
@@ -193,7 +193,7 @@ def cmd_run(args) -> None:
             if not link.exists():
                 link.symlink_to(models / "text_encoders" / f"{name}.safetensors")
         print(json.dumps(report, indent=1), flush=True)
-    if "load" in args.parts:
+    if "load" in args.parts:  # the same file twice would be cached: FP8 comes from its own file, both cold
         report["load_bf16"] = in_subprocess("load", path=str(src), precision="bf16")
         report["load_fp8"] = in_subprocess("load", path=str(fp8_ckpt), precision="fp8-e4m3")
         print(json.dumps({k: report[k] for k in ("load_bf16", "load_fp8")}, indent=1), flush=True)

@@ -87,15 +87,17 @@ def test_clipping_counter_counts(calibration, tiny_model, tmp_path):
     cal, _ = calibration
     watch = dataclasses.replace(STATIC, watch_clipping=True)
     fitting = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=watch, calibration=cal.save(tmp_path / "cal.json"))
-    fitting.latents(PROMPTS[0], steps=STEPS, cfg=2.0)  # a calibrated prompt: inside its ranges
-    assert fitting.clip_counter.report() == [] and sum(fitting.clip_counter.calls.values()) > 0
+    fitting.latents(PROMPTS[0], steps=STEPS, cfg=2.0)  # a calibrated prompt: inside its ranges (up to FP8 noise)
+    assert all(r["worst_ratio"] < 1.05 for r in fitting.clip_counter.report())
+    assert sum(fitting.clip_counter.calls.values()) > 0
     tiny = dataclasses.replace(cal, stats={n: {**s, "amax": [a * 0.25 for a in s["amax"]]} for n, s in cal.stats.items()})
     clipped = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=watch, calibration=tiny.save(tmp_path / "small.json"))
     clipped.latents(PROMPTS[0], steps=STEPS, cfg=2.0)
     rows = clipped.clip_counter.report()
     fp8 = [n for n, m in clipped.pipe.transformer.named_modules() if isinstance(m, FP8Linear)]
     assert {r["name"] for r in rows} == set(fp8)
-    assert all(r["clipped_calls"] == r["calls"] == STEPS and r["worst_ratio"] > 3.9 for r in rows)
+    # ranges shrunk 4x: every call clips (by less downstream of clipped layers, whose outputs shrink)
+    assert all(r["clipped_calls"] == r["calls"] == STEPS and 2.0 < r["worst_ratio"] < 4.5 for r in rows)
 
 
 def test_sensitivity_ranking_is_deterministic_and_covers_the_fp8_layers(calibration):
@@ -105,7 +107,9 @@ def test_sensitivity_ranking_is_deterministic_and_covers_the_fp8_layers(calibrat
     keep = Policy().layer_filter("transformer")
     assert {r["name"] for r in again} == {n for n in cal.stats if keep(n)}
     assert [r["error"] for r in again] == sorted((r["error"] for r in again), reverse=True)
-    assert all(r["error"] > 0 for r in again)
+    # the last block's context queries only feed its discarded context output: no effect at all
+    errors = {r["name"]: r["error"] for r in again}
+    assert errors.pop("transformer_blocks.1.attn.add_q_proj") == 0.0 and min(errors.values()) > 0
     # the model under test is left as it was: no FP8 layer remains
     assert not any(isinstance(m, FP8Linear) for m in engine.pipe.transformer.modules())
 

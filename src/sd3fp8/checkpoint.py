@@ -3,7 +3,9 @@ pickled checkpoints are refused (never unpickled). Tensors are read lazily (memo
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import json
 import math
 import struct
@@ -108,6 +110,21 @@ def read_header(path: str | Path) -> Header:
     return Header(path, tensors, dict(metadata), data_start)
 
 
+@functools.lru_cache(maxsize=1)
+def return_freed_memory_to_os(threshold: int = 2**20) -> None:
+    """Serve allocations above ``threshold`` bytes with their own memory maps (glibc's mallopt).
+
+    glibc otherwise serves anything under a dynamic threshold (up to 32 MB) from its heap and keeps
+    freed heap memory: streaming an 8.5 GB FP8 checkpoint's tensors and their temporaries left
+    peak RSS 3 GB above the model's size; with this, 0.7 GB. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class LazyTensors:
     """Tensor-by-tensor reads from a validated safetensors file (``with`` or ``close()``).
 
@@ -118,6 +135,7 @@ class LazyTensors:
 
     def __init__(self, path: str | Path):
         self.header = read_header(path)
+        return_freed_memory_to_os()
         self._file = open(self.header.path, "rb")
 
     def __enter__(self):

@@ -170,7 +170,8 @@ def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict
         if isinstance(target, str) and target not in state and source in state:
             state[target] = state[source]  # e.g. T5's encoder.embed_tokens = shared
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not any(k.startswith(n + ".") for n in fp8_names)]
+    fp8_set = set(fp8_names)
+    missing = [k for k in missing if k.rpartition(".")[0] not in fp8_set]
     still_meta = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if missing or unexpected or still_meta:
         raise ModelLoadError(f"{path}: missing tensors {(missing or still_meta)[:5]}, unexpected {unexpected[:5]}")
