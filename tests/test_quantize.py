@@ -120,3 +120,21 @@ def test_quantize_cli(bf16_file, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert cli.main(["quantize", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    from sd3fp8.atomic import atomic_write
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "out.bin") as f:
+            f.write(b"x")
+        with pytest.raises(RuntimeError), atomic_write(tmp_path / "broken.bin") as f:
+            f.write(b"partial")
+            raise RuntimeError("interrupted")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]  # the broken write left nothing

@@ -279,6 +279,46 @@ def cmd_policy(args) -> int:
     return 0
 
 
+def parse_size(text: str | None) -> tuple[int | None, int | None]:
+    if text is None:
+        return None, None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size must be WIDTHxHEIGHT (e.g. 512x512), got {text!r}") from None
+    return width, height
+
+
+def cmd_bench(args) -> int:
+    from .bench import SYNTHETIC, BenchSpec, bench, parse_configs, write_report
+    from .evaluation import default_prompts, read_prompts
+    from .models import default_model_path
+    from .pipeline import check_model_folder, validate_request
+
+    configs = parse_configs(args.configs)
+    width, height = parse_size(args.size)
+    if args.repeats < 1 or args.repeats > 100:
+        raise ConfigError(f"--repeats must be in 1..100, got {args.repeats}")
+    validate_request(args.steps or 2, 1.0, width or 16, height or 16, 1)
+    if args.synthetic is not None and args.synthetic not in SYNTHETIC:
+        raise ConfigError(f"--synthetic must be one of {', '.join(SYNTHETIC)}")
+    if args.steps is not None and args.steps < 2 and not args.synthetic:
+        raise ConfigError("--steps must be >= 2: per-step latency is measured between steps")
+    prompts = ()
+    if not args.synthetic:
+        model = args.model if args.model is not None else default_model_path()
+        if model.is_dir() and (model / "model_index.json").is_file():
+            check_model_folder(model)
+        prompts = read_prompts(args.prompts) if args.prompts else default_prompts(model, args.count)
+        prompts = tuple(prompts[: args.count])
+    spec = BenchSpec(str(args.model) if args.model else None, prompts, args.steps, width, height, args.repeats, str(args.out),
+                     str(args.calibration) if args.calibration else None, args.synthetic, args.blocks)
+    report = bench(spec, configs, progress=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+    for path in write_report(report, args.out, "sd3fp8 " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "sd3fp8 bench"):
+        print(f"wrote {path}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sd3fp8", description="FP8 inference for Stable Diffusion 3.5")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -342,6 +382,24 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="policy file to write")
     p.set_defaults(func=cmd_policy)
 
+    p = sub.add_parser("bench", help="speed, memory and quality of BF16 and the FP8 routes, each in its own process")
+    p.add_argument("--model", type=Path, help="model (default: the bundled model)")
+    p.add_argument("--configs", default=",".join(("bf16", "fp32", "sd3fp8", "diffusers-layerwise", "quanto-qfloat8",
+                                                   "torchao-float8-wo", "plain-cast")),
+                   help="comma-separated: bf16, fp16, fp32, sd3fp8, sd3fp8-scaled-mm, sd3fp8-static, diffusers-layerwise, "
+                        "quanto-qfloat8, torchao-float8-wo, torchao-float8-dq, plain-cast (bf16 is always the reference)")
+    p.add_argument("--prompts", type=Path, help="text file, one prompt per line (default: the model's eval prompts)")
+    p.add_argument("--count", type=int, default=4, help="how many prompts (default 4)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's recipe)")
+    p.add_argument("--size", help="WIDTHxHEIGHT (default: the model's recipe; synthetic: 512x512)")
+    p.add_argument("--repeats", type=int, default=2, help="timed passes over the prompts (default 2), after one warm-up image")
+    p.add_argument("--calibration", type=Path, help="calibration file for sd3fp8-static")
+    p.add_argument("--synthetic", help="time a random-weight transformer of this width alone: medium or large")
+    p.add_argument("--blocks", type=int, default=2, help="depth of the synthetic transformer (default 2)")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (bench.json, bench.md, plots, grid)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("eval", help="compare precision configurations on the same prompts and seeds")
     p.add_argument("--model", type=Path, help="model folder (default: the bundled model)")
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line (default: held-out world prompts, or the SD3.5 set)")
@@ -363,6 +421,8 @@ def make_parser() -> argparse.ArgumentParser:
 def quiet_libraries() -> None:
     """diffusers/transformers print loading bars and advice on every load: keep our output readable."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+    for name in ("torchao", "torch.utils._pytree"):  # optional bench extras log import-time warnings
+        logging.getLogger(name).setLevel(logging.ERROR)
     import diffusers
     import transformers
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import struct
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .atomic import atomic_write
 from .calibration import Calibration, file_fingerprint
 from .checkpoint import DTYPE_NAMES, Header, LazyTensors
 from .detection import COMPONENT_PREFIXES, detect
@@ -154,12 +153,6 @@ def build_header(planned: list[Planned], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(blob)) + blob
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -217,43 +210,33 @@ def quantize_file(src: str | Path, dst: str | Path, options: QuantizeOptions = Q
             metadata["calibration"] = json.dumps({"fingerprint": options.calibration.fingerprint, "method": options.calibration.method,
                                                   "percentile": options.calibration.percentile, "prompts": len(options.calibration.prompts)})
         total = sum(_nbytes(p) for p in planned)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
         source_hash = _BackgroundHash(src)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                header = build_header(planned, metadata)
-                f.write(header)
-                done, quantized = 0, {}
-                for p in planned:
-                    if p.role == "marker":
-                        data = b""
-                    elif p.role == "weight":
-                        w8, scale = quantize_weight(files.get(p.source), options.fp8, options.granularity, f"{src}: {p.source}")
-                        quantized[p.source] = scale
-                        data = _tensor_bytes(w8)
-                    elif p.role == "input_scale":
-                        data = _tensor_bytes(torch.tensor(p.value, dtype=torch.float32))
-                    elif p.role == "scale":
-                        data = _tensor_bytes(quantized.pop(p.source).reshape(p.shape))
-                    else:
-                        tensor = files.get(p.source)
-                        if tensor.is_floating_point():
-                            check_finite(tensor, f"{src}: {p.source}")
-                        data = _tensor_bytes(tensor)
-                    f.write(data)
-                    done += len(data)
-                    if progress:
-                        progress(done, total)
-                # the header was written with a placeholder of the hash's length: fill it in now
-                key = b'"source_sha256":"'
-                f.seek(header.index(key + HASH_PLACEHOLDER.encode()) + len(key))
-                f.write(source_hash.result().encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(dst) as f:
+            header = build_header(planned, metadata)
+            f.write(header)
+            done, quantized = 0, {}
+            for p in planned:
+                if p.role == "marker":
+                    data = b""
+                elif p.role == "weight":
+                    w8, scale = quantize_weight(files.get(p.source), options.fp8, options.granularity, f"{src}: {p.source}")
+                    quantized[p.source] = scale
+                    data = _tensor_bytes(w8)
+                elif p.role == "input_scale":
+                    data = _tensor_bytes(torch.tensor(p.value, dtype=torch.float32))
+                elif p.role == "scale":
+                    data = _tensor_bytes(quantized.pop(p.source).reshape(p.shape))
+                else:
+                    tensor = files.get(p.source)
+                    if tensor.is_floating_point():
+                        check_finite(tensor, f"{src}: {p.source}")
+                    data = _tensor_bytes(tensor)
+                f.write(data)
+                done += len(data)
+                if progress:
+                    progress(done, total)
+            # the header was written with a placeholder of the hash's length: fill it in now
+            key = b'"source_sha256":"'
+            f.seek(header.index(key + HASH_PLACEHOLDER.encode()) + len(key))
+            f.write(source_hash.result().encode())
     return dst
