@@ -166,3 +166,36 @@ def test_cli_calibrate_and_policy(tiny_model, tmp_path, capsys):
     assert Policy.load(tmp_path / "p0.json") == Policy()
     assert main(["calibrate", "--model", str(tiny_model), "--keep-budget", "2"]) == 2
     assert "needs the sensitivity ranking" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt,granularity,suffix", [("sd3fp8", "channel", "input_scale"), ("comfy", "tensor", "scale_input")])
+def test_calibration_travels_with_the_checkpoint(calibration, tmp_path, fmt, granularity, suffix):
+    from safetensors.torch import load_file, save_file
+
+    from sd3fp8.quantize import QuantizeOptions, quantize_file
+    from sd3fp8.singlefile import load_mmdit
+    from tests.test_layouts import original_from_diffusers
+
+    cal, engine = calibration
+    src = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in original_from_diffusers(engine.pipe.transformer).items()}, str(src))
+    out = quantize_file(src, tmp_path / f"{fmt}.safetensors", QuantizeOptions(format=fmt, granularity=granularity, calibration=cal))
+    tensors = load_file(str(out))
+    scales = cal.input_scales()
+    qkv = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv." + suffix
+    fused = max(scales[f"transformer_blocks.0.attn.to_{p}"] for p in "qkv")
+    assert float(tensors[qkv]) == pytest.approx(fused)  # one input, one scale for the fused projection
+    loaded, names, _ = load_mmdit(out, Policy(), torch.float32, backend="scaled-mm", force_fp8=True)
+    layers = dict(loaded.named_modules())
+    groups = {}  # a fused qkv in the file = q, k and v (or the context's add_*_proj) here
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        fused_part = leaf in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+        groups.setdefault((parent, leaf.startswith("add_")) if fused_part else n, []).append(n)
+    for members in groups.values():
+        for n in members:
+            assert float(layers[n].input_scale) == pytest.approx(max(scales[m] for m in members)), n
+    other = dataclasses.replace(cal, fingerprint="0" * 16)
+    with pytest.raises(CalibrationError, match="does not match"):
+        quantize_file(src, tmp_path / "x.safetensors", QuantizeOptions(format=fmt, granularity=granularity, calibration=other))
+    assert not (tmp_path / "x.safetensors").exists()
