@@ -165,3 +165,20 @@ def test_cli_generates_and_inspects_from_a_comfyui_tree(files, tmp_path, capsys)
     assert main(["inspect", str(root), "--dtype", "fp32"]) == 0
     report = capsys.readouterr().out
     assert "clip_l.safetensors" in report and "sd3.5_medium.safetensors" in report
+
+
+def test_broken_files_in_a_tree_are_named(files, tmp_path):
+    root = comfy_tree(tmp_path / "ComfyUI", files)
+    t5 = root / "models" / "text_encoders" / "t5xxl_fp16.safetensors"
+    t5.write_bytes(t5.read_bytes()[: t5.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(ModelLoadError, match=r"no T5-XXL found .*skipped t5xxl_fp16.safetensors: truncated"):
+        resolve_sources(root, Policy())
+
+
+def test_text_encoder_with_wrong_shapes_is_one_clear_error(files, tmp_path):
+    bad = dict(files.clip_l)
+    bad["text_model.embeddings.position_embedding.weight"] = bad["text_model.embeddings.position_embedding.weight"][:, :700]
+    root = comfy_tree(tmp_path / "ComfyUI", files)
+    save(root / "models" / "text_encoders" / "clip_l.safetensors", bad)
+    with pytest.raises(ModelLoadError, match=r"clip_l.safetensors: tensors do not fit"):
+        SD3FP8Pipeline.from_pretrained(root, runtime=FP32)

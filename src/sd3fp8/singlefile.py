@@ -169,7 +169,10 @@ def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict
     for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
         if isinstance(target, str) and target not in state and source in state:
             state[target] = state[source]  # e.g. T5's encoder.embed_tokens = shared
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches
+        raise ModelLoadError(f"{path}: tensors do not fit the architecture read from the file: {str(e).splitlines()[-1].strip()}") from None
     fp8_set = set(fp8_names)
     missing = [k for k in missing if k.rpartition(".")[0] not in fp8_set]
     still_meta = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]

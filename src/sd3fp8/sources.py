@@ -66,18 +66,24 @@ def _safetensors(folders: list[Path]) -> list[Path]:
     return sorted(p for d in folders if d.is_dir() for p in d.rglob("*.safetensors"))
 
 
-def _detect_quietly(path: Path) -> Detection | None:
-    """Detection of a file found by scanning a folder: files we do not run are skipped, not fatal."""
+def _detect_quietly(path: Path, skipped: dict[Path, str]) -> Detection | None:
+    """Detection of a file found by scanning a folder: files we cannot use are skipped, not fatal,
+    and remembered in ``skipped`` so a "not found" error can name them (a truncated T5 file)."""
     try:
         return detect(read_header(path))
     except ModelLoadError as e:
         log.info("skipping %s: %s", path, e)
+        skipped[path] = str(e).removeprefix(f"{path}: ")
         return None
 
 
-def _pick_checkpoint(models: Path, name: str | None) -> Path:
+def _skipped_note(skipped: dict[Path, str]) -> str:
+    return "".join(f"; skipped {p.name}: {why}" for p, why in sorted(skipped.items()))
+
+
+def _pick_checkpoint(models: Path, name: str | None, skipped: dict[Path, str]) -> Path:
     candidates = [p for p in _safetensors([models / d for d in COMFY_CHECKPOINT_DIRS])
-                  if (d := _detect_quietly(p)) is not None and d.kind == "mmdit-original"]
+                  if (d := _detect_quietly(p, skipped)) is not None and d.kind == "mmdit-original"]
     if name is not None:
         chosen = [p for p in candidates if name in (p.name, p.stem, str(p.relative_to(models)))]
         if not chosen:
@@ -85,7 +91,7 @@ def _pick_checkpoint(models: Path, name: str | None) -> Path:
                                  f"(found: {', '.join(p.name for p in candidates) or 'none'})")
         return chosen[0]
     if not candidates:
-        raise ModelLoadError(f"no SD3/SD3.5 checkpoint under {models}/{{{','.join(COMFY_CHECKPOINT_DIRS)}}}")
+        raise ModelLoadError(f"no SD3/SD3.5 checkpoint under {models}/{{{','.join(COMFY_CHECKPOINT_DIRS)}}}{_skipped_note(skipped)}")
     if len(candidates) > 1:
         raise ModelLoadError(f"{len(candidates)} SD3 checkpoints under {models}: pick one with --checkpoint NAME "
                              f"({', '.join(p.name for p in candidates)})")
@@ -99,11 +105,13 @@ def _fp8_rank(detection: Detection, want_fp8: bool) -> int:
     return order.index(detection.fp8)
 
 
-def _standalone_sources(paths: list[Path], policy: Policy, explicit: bool) -> dict[str, FileSource]:
-    """Text-encoder / VAE files by component. ``explicit`` (user-given) files must all be recognised."""
+def _standalone_sources(paths: list[Path], policy: Policy, skipped: dict[Path, str] | None = None) -> dict[str, FileSource]:
+    """Text-encoder / VAE files by component. Without ``skipped`` (user-given files) every file must be
+    recognised; with it (a folder scan) unusable files are skipped and noted there."""
+    explicit = skipped is None
     found: dict[str, list[tuple[Detection, Path]]] = {}
     for path in paths:
-        detection = detect(read_header(path)) if explicit else _detect_quietly(path)
+        detection = detect(read_header(path)) if explicit else _detect_quietly(path, skipped)
         if detection is None:
             continue
         component = KIND_COMPONENT.get(detection.kind)
@@ -166,6 +174,7 @@ def resolve_sources(model: Path | None, policy: Policy, checkpoint: str | None =
     """Where every component of ``model`` comes from (see the module docstring)."""
     from .models import default_model_path
 
+    skipped: dict[Path, str] = {}
     if model is None:
         model = default_model_path()
     model = Path(model)
@@ -182,7 +191,7 @@ def resolve_sources(model: Path | None, policy: Policy, checkpoint: str | None =
             raise ModelLoadError(f"{model} is neither a diffusers folder (model_index.json) nor a ComfyUI tree "
                                  f"(models/{{{','.join(COMFY_CHECKPOINT_DIRS)}}})")
         comfy_root = models
-        model = _pick_checkpoint(models, checkpoint)
+        model = _pick_checkpoint(models, checkpoint, skipped)
     elif checkpoint:
         raise ConfigError("--checkpoint picks a file inside a ComfyUI tree; --model already names a file")
     elif model.parent.parent.name == "models" and model.parent.name in COMFY_CHECKPOINT_DIRS:
@@ -196,10 +205,10 @@ def resolve_sources(model: Path | None, policy: Policy, checkpoint: str | None =
     for component in detection.components:
         if component != "transformer":
             files[component] = FileSource(model, COMPONENT_PREFIXES[component])
-    given = _standalone_sources(_expand(list(extra)), policy, explicit=True)
+    given = _standalone_sources(_expand(list(extra)), policy)
     files.update(given)  # explicit files win over the checkpoint's own
     if comfy_root is not None:
-        tree = _standalone_sources(_safetensors([comfy_root / d for d in COMFY_ENCODER_DIRS + COMFY_VAE_DIRS]), policy, explicit=False)
+        tree = _standalone_sources(_safetensors([comfy_root / d for d in COMFY_ENCODER_DIRS + COMFY_VAE_DIRS]), policy, skipped)
         for component, source in tree.items():
             files.setdefault(component, source)
     if policy.text_encoder_3 is Precision.OFF:
@@ -210,7 +219,7 @@ def resolve_sources(model: Path | None, policy: Policy, checkpoint: str | None =
         names = {"vae": "VAE", "text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL"}
         raise ModelLoadError(f"{model}: no {', '.join(names[m] for m in missing)} found (not in the file"
                              f"{', not in the ComfyUI tree' if comfy_root else ''}): pass the files with --text-encoders / --vae"
-                             + (" (or run without T5: --t5 off)" if "text_encoder_3" in missing else ""))
+                             + (" (or run without T5: --t5 off)" if "text_encoder_3" in missing else "") + _skipped_note(skipped))
     search = [p for p in (tokenizers, comfy_root.parent if comfy_root else None) if p is not None]
     found = find_tokenizers(search, need_t5="text_encoder_3" in files)
     return ModelSources(files=files, tokenizers=found, mmdit=detection, label=str(model))
