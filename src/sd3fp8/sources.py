@@ -184,18 +184,18 @@ def resolve_sources(model: Path | None, policy: Policy, checkpoint: str | None =
         if checkpoint or extra or tokenizers:
             raise ConfigError(f"{model} is a diffusers folder: --checkpoint, --text-encoders/--vae and --tokenizers apply to single files and ComfyUI trees")
         return ModelSources(folder=model, label=str(model))
-    comfy_root = None
+    comfy_models = None
     if model.is_dir():
         models = comfy_models_dir(model)
         if models is None:
             raise ModelLoadError(f"{model} is neither a diffusers folder (model_index.json) nor a ComfyUI tree "
                                  f"(models/{{{','.join(COMFY_CHECKPOINT_DIRS)}}})")
-        comfy_root = models
+        comfy_models = models
         model = _pick_checkpoint(models, checkpoint, skipped)
     elif checkpoint:
         raise ConfigError("--checkpoint picks a file inside a ComfyUI tree; --model already names a file")
     elif model.parent.parent.name == "models" and model.parent.name in COMFY_CHECKPOINT_DIRS:
-        comfy_root = model.parent.parent  # a file inside ComfyUI/models/<dir>/
+        comfy_models = model.parent.parent  # a file inside ComfyUI/models/<dir>/
     header = read_header(model)
     detection = detect(header)
     if detection.kind != "mmdit-original":
@@ -207,8 +207,8 @@ def resolve_sources(model: Path | None, policy: Policy, checkpoint: str | None =
             files[component] = FileSource(model, COMPONENT_PREFIXES[component])
     given = _standalone_sources(_expand(list(extra)), policy)
     files.update(given)  # explicit files win over the checkpoint's own
-    if comfy_root is not None:
-        tree = _standalone_sources(_safetensors([comfy_root / d for d in COMFY_ENCODER_DIRS + COMFY_VAE_DIRS]), policy, skipped)
+    if comfy_models is not None:
+        tree = _standalone_sources(_safetensors([comfy_models / d for d in COMFY_ENCODER_DIRS + COMFY_VAE_DIRS]), policy, skipped)
         for component, source in tree.items():
             files.setdefault(component, source)
     if policy.text_encoder_3 is Precision.OFF:
@@ -218,8 +218,8 @@ def resolve_sources(model: Path | None, policy: Policy, checkpoint: str | None =
     if missing:
         names = {"vae": "VAE", "text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL"}
         raise ModelLoadError(f"{model}: no {', '.join(names[m] for m in missing)} found (not in the file"
-                             f"{', not in the ComfyUI tree' if comfy_root else ''}): pass the files with --text-encoders / --vae"
+                             f"{', not in the ComfyUI tree' if comfy_models else ''}): pass the files with --text-encoders / --vae"
                              + (" (or run without T5: --t5 off)" if "text_encoder_3" in missing else "") + _skipped_note(skipped))
-    search = [p for p in (tokenizers, comfy_root.parent if comfy_root else None) if p is not None]
+    search = [p for p in (tokenizers, comfy_models.parent if comfy_models else None) if p is not None]
     found = find_tokenizers(search, need_t5="text_encoder_3" in files)
     return ModelSources(files=files, tokenizers=found, mmdit=detection, label=str(model))
