@@ -17,6 +17,7 @@ import torch
 
 from .checkpoint import LazyTensors
 from .errors import ModelLoadError
+from .fp8 import all_finite
 from .singlefile import FP8Recipe, check_comfy_quant, gather_tensors, materialize, same_name
 
 HEAD_DIM = 64  # CLIP-L (768 = 12 x 64), CLIP-G (1280 = 20 x 64)
@@ -170,7 +171,7 @@ def load_vae(source: FileSource, dtype: torch.dtype):
     model = _empty(AutoencoderKL.from_config, config)
     state = tensors if vae_layout(shapes) == "diffusers" else convert_ldm_vae_checkpoint(tensors, config)
     for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
+        if not all_finite(tensor):
             raise ModelLoadError(f"{source}: VAE tensor {key!r} holds NaN/Inf")
     state = {k: (v.float() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else v).to(dtype) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -18,7 +18,7 @@ from torch import nn
 from .checkpoint import LazyTensors
 from .detection import detect
 from .errors import ModelLoadError
-from .fp8 import FP8Format, Granularity, dequantize, fp8_all_finite, is_fp8, quantize_weight
+from .fp8 import FP8Format, Granularity, all_finite, dequantize, is_fp8, quantize_weight
 from .layouts import IDENTITY, MMDIT_PREFIX, Transform, original_key_to_diffusers
 from .linear import ActivationScaling, Backend, FP8Linear, resolve_backend
 from .policy import Policy
@@ -95,11 +95,6 @@ def gather_mmdit_tensors(files: LazyTensors, num_layers: int) -> tuple[dict[str,
     return gather_tensors(files, _mmdit_prefix(files.keys()), lambda key: original_key_to_diffusers(key, num_layers))
 
 
-def _check_finite_fp8(tensor: torch.Tensor, name: str, path) -> None:
-    if not fp8_all_finite(tensor):
-        raise ModelLoadError(f"{path}: tensor {name!r} holds NaN/Inf")
-
-
 @dataclasses.dataclass(frozen=True)
 class FP8Recipe:
     """Which linears of a component become FP8Linear, and how they run."""
@@ -149,7 +144,7 @@ def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict
         own = torch.float32 if name.rpartition(".")[2] in fp32_modules else dtype
         weight = src.weight
         if is_fp8(weight.dtype):
-            _check_finite_fp8(weight, name + ".weight", path)
+            _checked(weight, name + ".weight", path)
             scale = src.weight_scale if src.weight_scale is not None else torch.tensor(1.0)
             weight = dequantize(weight, scale.reshape(-1, 1) if scale.dim() else scale, own)
         state[name + ".weight"] = _checked(weight, name + ".weight", path).to(own)
@@ -208,7 +203,7 @@ def load_mmdit(
 
 
 def _checked(tensor: torch.Tensor, name: str, path) -> torch.Tensor:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise ModelLoadError(f"{path}: tensor {name!r} holds NaN/Inf")
     return tensor
 
@@ -217,7 +212,7 @@ def _fp8_layer(name, module, src: SourceLinear, recipe: FP8Recipe, weights_only:
     """An FP8Linear from file tensors: FP8 bytes kept as they are when the format matches."""
     fmt, granularity = recipe.fmt, recipe.granularity
     if is_fp8(src.weight.dtype) and src.weight.dtype == fmt.dtype:
-        _check_finite_fp8(src.weight, name + ".weight", path)
+        _checked(src.weight, name + ".weight", path)
         scale = src.weight_scale if src.weight_scale is not None else torch.tensor(1.0)  # plain cast: value = stored
         weight_fp8 = src.weight.contiguous()
         granularity = Granularity.CHANNEL if scale.dim() else Granularity.TENSOR
