@@ -4,7 +4,7 @@ Every configuration runs in its own process (clean memory figures): load, one wa
 ``repeats`` passes over the prompts; per-step latency (median of step-to-step times), end-to-end
 time per image, load time, peak memory (CUDA max allocated on a GPU, peak RSS on a CPU),
 transformer time per call and bytes per component. The parent compares each configuration's
-images with the reference's (PSNR, SSIM; adherence on shape-world models). A route that cannot
+images with the reference's (PSNR, SSIM; adherence and Frechet distance on shape-world models). A route that cannot
 be installed or run is reported with its error, never dropped.
 
 With ``synthetic`` set ("medium" / "large"), the pipeline is replaced by a random-weight MMDiT of
@@ -358,9 +358,14 @@ def bench(spec: BenchSpec, configs: list[str], progress=print) -> dict:
         row["psnr"] = float(np.mean([min(psnr(a, b), 100.0) for a, b in pairs]))
         row["ssim"] = float(np.mean([ssim(a, b) for a, b in pairs]))
         if spec.model is None or model_world(Path(spec.model)) == SHAPE_WORLD:
-            from .judge import adherence
+            from .judge import adherence, features
+            from .metrics import frechet_distance
+            from .world import parse_caption, render
 
             row["adherence"] = float(np.mean([adherence(img, p) for img, p in zip(images[row["name"]], spec.prompts)]))
+            if len(spec.prompts) > 1:  # distribution distance to the world's own renders, as eval reports it
+                real = np.stack([features(np.asarray(render(parse_caption(p), seed=1000 + i))) for i, p in enumerate(spec.prompts)])
+                row["frechet_distance"] = frechet_distance(np.stack([features(img) for img in images[row["name"]]]), real)
     report["_images"] = images
     return report
 
@@ -368,9 +373,9 @@ def bench(spec: BenchSpec, configs: list[str], progress=print) -> dict:
 def markdown_table(report: dict) -> str:
     synthetic = report["spec"]["synthetic"]
     qref = report.get("quality_reference", REFERENCE)
-    quality = f"SQNR vs {qref} (dB)" if synthetic else "PSNR vs bf16 (dB) | SSIM | adherence"
+    quality = f"SQNR vs {qref} (dB)" if synthetic else "PSNR vs bf16 (dB) | SSIM | adherence | Frechet dist."
     lines = [f"| config | s / step | x bf16 | transformer s / call | load s | peak memory GB | x bf16 | transformer MB | x bf16 | {quality} |",
-             "|---" * (10 + (0 if synthetic else 2)) + "|"]
+             "|---" * (10 + (0 if synthetic else 3)) + "|"]
     for r in report["configs"]:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error'][:120]} |")
@@ -379,8 +384,8 @@ def markdown_table(report: dict) -> str:
             q = "ref" if r["name"] == qref else (f"{r['sqnr_db']:.1f}" if r.get("sqnr_db") is not None else "exact")
         else:
             ref = r["name"] == report["reference"]
-            q = (f"ref | ref | {r.get('adherence', float('nan')):.3f}" if ref else
-                 f"{r['psnr']:.1f} | {r['ssim']:.4f} | {r.get('adherence', float('nan')):.3f}")
+            judged = f"{r.get('adherence', float('nan')):.3f} | {r.get('frechet_distance', float('nan')):.3f}"
+            q = f"ref | ref | {judged}" if ref else f"{r['psnr']:.1f} | {r['ssim']:.4f} | {judged}"
         lines.append(
             f"| {r['name']} | {r['seconds_per_step']:.3f} | {r.get('step_time_vs_reference', float('nan')):.2f} | "
             f"{r['transformer_seconds_per_call']:.3f} | {r['load_seconds']:.1f} | {r['peak_memory_bytes'] / 1e9:.2f} | "
