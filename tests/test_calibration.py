@@ -199,3 +199,16 @@ def test_calibration_travels_with_the_checkpoint(calibration, tmp_path, fmt, gra
     with pytest.raises(CalibrationError, match="does not match"):
         quantize_file(src, tmp_path / "x.safetensors", QuantizeOptions(format=fmt, granularity=granularity, calibration=other))
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_generate_with_calibration_reports_clipping(calibration, tiny_model, tmp_path, capsys):
+    cal, _ = calibration
+    path = cal.save(tmp_path / "cal.json")
+    out = tmp_path / "x.png"
+    assert main(["generate", "a red circle", "--model", str(tiny_model), "--steps", "2", "--dtype", "fp32", "--force-fp8",
+                 "--calibration", str(path), "--watch-clipping", "--out", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "clipping:" in text
+    (tmp_path / "broken.json").write_text("[]")
+    assert main(["generate", "x", "--model", str(tiny_model), "--calibration", str(tmp_path / "broken.json")]) == 2
+    assert "not an sd3fp8 calibration file" in capsys.readouterr().err

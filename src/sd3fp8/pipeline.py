@@ -217,6 +217,7 @@ class SD3FP8Pipeline:
         if runtime.offload == "model" and device.type == "cpu":
             raise ConfigError("--offload model needs a GPU (it moves components between CPU and GPU); this run is on the CPU: use --offload none or stages")
         resolve_backend(runtime.backend, device, runtime.force_fp8)  # fail early on a bad request
+        cal = Calibration.load(calibration) if calibration is not None else None  # ... or a bad calibration file
         sources = resolve_sources(path, policy, checkpoint, tuple(Path(p) for p in extra_files), Path(tokenizers) if tokenizers else None)
         if sources.folder is not None:
             check_model_folder(sources.folder)
@@ -228,7 +229,6 @@ class SD3FP8Pipeline:
         tokenizer_set = load_tokenizers(sources, with_t5)
         staged = ("transformer",) + TEXT_ENCODERS if runtime.offload == "stages" else ()
 
-        cal = Calibration.load(calibration) if calibration is not None else None
         clip_counter = ClipCounter() if runtime.watch_clipping else None
 
         def load(name):
