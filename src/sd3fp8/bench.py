@@ -170,13 +170,13 @@ def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
     from .pipeline import RuntimeConfig, SD3FP8Pipeline
 
     policy_changes, runtime_changes, route = CONFIGS[name]
+    if route == "calibrated" and spec.calibration is None:
+        raise ConfigError("sd3fp8-static needs a calibration file: --calibration FILE")
     start = time.perf_counter()
     engine = SD3FP8Pipeline.from_pretrained(
         spec.model, Policy().replace(**policy_changes), RuntimeConfig(**runtime_changes),
         calibration=spec.calibration if route == "calibrated" else None,
     )
-    if route == "calibrated" and spec.calibration is None:
-        raise ConfigError("sd3fp8-static needs a calibration file: --calibration FILE")
     if route not in (None, "calibrated"):
         apply_route(route, engine.pipe.transformer, Policy().layer_filter("transformer"), engine.compute_dtype)
     load_seconds = time.perf_counter() - start
