@@ -12,12 +12,14 @@ Every measurement runs in its own process (peak RSS = that process's ru_maxrss).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,13 +141,33 @@ def measure_pipeline(model: str, tokenizers: str, t5: str, offload: str, size: i
     from sd3fp8.pipeline import RuntimeConfig, SD3FP8Pipeline
 
     quiet_libraries()
+    stage_peaks: dict[str, float] = {}
+    current = ["load"]
+
+    def sample():  # peak RSS per stage: /proc/self/status every 20 ms, charged to the running stage
+        while True:
+            rss = next(int(ln.split()[1]) * 1024 / 1e9 for ln in open("/proc/self/status") if ln.startswith("VmRSS"))
+            stage_peaks[current[0]] = max(stage_peaks.get(current[0], 0.0), rss)
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
     start = time.perf_counter()
     engine = SD3FP8Pipeline.from_pretrained(model, Policy(text_encoder_3=t5), RuntimeConfig(device="cpu", offload=offload), tokenizers=tokenizers)
     load = time.perf_counter() - start
     load_rss = peak_rss_gb()
+    stage = engine.stage
+
+    @contextlib.contextmanager
+    def labelled(*names):
+        current[0] = "text encoders" if "text_encoder" in names else "+".join(names)
+        with stage(*names):
+            yield
+        current[0] = "after " + current[0]
+
+    engine.stage = labelled
     result = engine("a photo of a cat", steps=steps, cfg=cfg, width=size, height=size, seed=0)
     return {"load_seconds": load, "peak_rss_after_load_gb": load_rss, "generate_seconds": result.seconds,
-            "compute_dtype": str(engine.compute_dtype), "sources": engine.sources.describe()}
+            "peak_rss_by_stage_gb": stage_peaks, "compute_dtype": str(engine.compute_dtype), "sources": engine.sources.describe()}
 
 
 def drop_page_cache() -> bool:

@@ -433,8 +433,8 @@ def plots(report: dict, out: Path) -> list[Path]:
     for name, y, ylabel in (("time_vs_memory.png", "seconds_per_step", "seconds per step"), ("quality_vs_memory.png", key, label)):
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in rows:
-            if r.get(y) is None:
-                continue
+            if r.get(y) is None or (y == key and r["name"] == (report.get("quality_reference") or REFERENCE)):
+                continue  # the quality reference compares with itself: off the scale
             ax.scatter(r["peak_memory_bytes"] / 1e9, r[y])
             ax.annotate(r["name"], (r["peak_memory_bytes"] / 1e9, r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("peak memory (GB)")
