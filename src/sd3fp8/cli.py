@@ -320,6 +320,8 @@ def cmd_bench(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from .bench import DEFAULT_CONFIGS as DEFAULT_BENCH_CONFIGS
+
     parser = _Parser(prog="sd3fp8", description="FP8 inference for Stable Diffusion 3.5")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -384,8 +386,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed, memory and quality of BF16 and the FP8 routes, each in its own process")
     p.add_argument("--model", type=Path, help="model (default: the bundled model)")
-    p.add_argument("--configs", default=",".join(("bf16", "fp32", "sd3fp8", "diffusers-layerwise", "quanto-qfloat8",
-                                                   "torchao-float8-wo", "plain-cast")),
+    p.add_argument("--configs", default=",".join(DEFAULT_BENCH_CONFIGS),
                    help="comma-separated: bf16, fp16, fp32, sd3fp8, sd3fp8-scaled-mm, sd3fp8-static, diffusers-layerwise, "
                         "quanto-qfloat8, torchao-float8-wo, torchao-float8-dq, plain-cast (bf16 is always the reference)")
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line (default: the model's eval prompts)")

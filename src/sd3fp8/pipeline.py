@@ -178,15 +178,15 @@ class SD3FP8Pipeline:
     """
 
     def __init__(self, pipe, policy: Policy, runtime: RuntimeConfig, model_path: Path, compute_dtype, device, fp8_layers, recipe,
-                 sources=None, stage_loader: Callable | None = None):
+                 sources=None, stage_loader: Callable | None = None, calibration=None, clip_counter=None):
         self.pipe, self.policy, self.runtime = pipe, policy, runtime
         self.model_path, self.compute_dtype, self.device = model_path, compute_dtype, device
         self.fp8_layers = fp8_layers  # component -> names of its FP8Linear modules
         self.recipe = recipe
         self.sources = sources  # where each component came from (sources.ModelSources)
         self.stage_loader = stage_loader  # offload=stages: component name -> (module, fp8 names)
-        self.calibration = None  # calibration.Calibration applied to the transformer, if any
-        self.clip_counter = None  # linear.ClipCounter when runtime.watch_clipping
+        self.calibration = calibration  # calibration.Calibration applied to the transformer, if any
+        self.clip_counter = clip_counter  # linear.ClipCounter when runtime.watch_clipping
 
     @classmethod
     def from_pretrained(
@@ -261,9 +261,8 @@ class SD3FP8Pipeline:
                            else json.loads((sources.folder / "transformer" / "config.json").read_text())["sample_size"])
         side = sample_size * pipe.vae_scale_factor
         recipe = read_recipe(sources.folder, side) if sources.folder else variant_recipe(sources.mmdit.variant, side)
-        engine = cls(pipe, policy, runtime, model_path, compute_dtype, device, fp8_layers, recipe, sources, load if staged else None)
-        engine.calibration, engine.clip_counter = cal, clip_counter
-        return engine
+        return cls(pipe, policy, runtime, model_path, compute_dtype, device, fp8_layers, recipe, sources,
+                   load if staged else None, cal, clip_counter)
 
     def __call__(
         self,
