@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from sd3fp8 import Policy
-from sd3fp8.linear import FP8Linear
-from sd3fp8.swap import quantize_linears
+from sd3fp8.fp8.linear import FP8Linear
+from sd3fp8.fp8.swap import quantize_linears
 
 MEDIUM = dict(num_layers=24, attention_head_dim=64, num_attention_heads=24, caption_projection_dim=1536,
               pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
@@ -167,7 +167,7 @@ def main():
         "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
     }
     try:
-        results["machine"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        results["machine"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
     print("transformer bytes", flush=True)

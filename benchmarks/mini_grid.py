@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sd3fp8 import Policy, RuntimeConfig, SD3FP8Pipeline
-from sd3fp8.cli import quiet_libraries
-from sd3fp8.judge import adherence
-from sd3fp8.world import heldout_prompts
+from sd3fp8._env import quiet_libraries
+from sd3fp8.miniature.judge import adherence
+from sd3fp8.miniature.world import heldout_prompts
 
 
 def main():

@@ -37,7 +37,7 @@ VARIANTS = {  # SD3Transformer2DModel configs (docs: ../shared/reference/sd35.md
 def mmdit_shapes(variant: str) -> dict[str, tuple[int, ...]]:
     from diffusers import SD3Transformer2DModel
 
-    from sd3fp8.layouts import MMDIT_PREFIX, diffusers_state_to_original
+    from sd3fp8.io.layouts import MMDIT_PREFIX, diffusers_state_to_original
 
     v = VARIANTS[variant]
     config = dict(sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64, joint_attention_dim=4096,
@@ -67,7 +67,7 @@ def encoder_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
 
 def write_synthetic(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """Stream a BF16 safetensors file: values are slices of one random pool (memory: the pool + one tensor)."""
-    from sd3fp8.quantize import Planned, build_header
+    from sd3fp8.io.quantize import Planned, build_header
 
     pool = (torch.randn(2**25, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     planned = [Planned(k, k, torch.bfloat16, s, "copy") for k, s in shapes.items()]
@@ -91,8 +91,8 @@ def write_synthetic(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
 
 
 def cmd_synth(args) -> None:
+    from sd3fp8.miniature.tiny import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
     from tests.sd3_files import ldm_vae_state
-    from sd3fp8.tiny import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
 
     root = Path(args.root)
     models = root / "models"
@@ -114,7 +114,7 @@ def peak_rss_gb() -> float:
 
 
 def measure_quantize(src: str, dst: str, t5: str) -> dict:
-    from sd3fp8.quantize import QuantizeOptions, quantize_file
+    from sd3fp8.io.quantize import QuantizeOptions, quantize_file
 
     start = time.perf_counter()
     quantize_file(src, dst, QuantizeOptions(format="sd3fp8", granularity="channel", t5=t5, force=True))
@@ -125,7 +125,7 @@ def measure_quantize(src: str, dst: str, t5: str) -> dict:
 
 def measure_load(path: str, precision: str) -> dict:
     from sd3fp8 import Policy
-    from sd3fp8.singlefile import load_mmdit
+    from sd3fp8.io.singlefile import load_mmdit
 
     dtype = torch.bfloat16  # the non-FP8 rest in bf16 for both: like for like (and what a GPU runs)
     start = time.perf_counter()
@@ -137,8 +137,9 @@ def measure_load(path: str, precision: str) -> dict:
 
 def measure_pipeline(model: str, tokenizers: str, t5: str, offload: str, size: int, steps: int, cfg: float) -> dict:
     from sd3fp8 import Policy
-    from sd3fp8.cli import quiet_libraries
-    from sd3fp8.pipeline import RuntimeConfig, SD3FP8Pipeline
+    from sd3fp8._env import quiet_libraries
+    from sd3fp8.engine.pipeline import SD3FP8Pipeline
+    from sd3fp8.runtime import RuntimeConfig
 
     quiet_libraries()
     stage_peaks: dict[str, float] = {}

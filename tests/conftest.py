@@ -8,8 +8,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for a hub
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A complete tiny SD3 folder (random weights), written once per test session."""
-    from sd3fp8.cli import quiet_libraries
-    from sd3fp8.tiny import write_tiny_model
+    from sd3fp8._env import quiet_libraries
+    from sd3fp8.miniature.tiny import write_tiny_model
 
     quiet_libraries()
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd3")

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sd3fp8.components import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
-from sd3fp8.detection import COMPONENT_PREFIXES
-from sd3fp8.layouts import MMDIT_PREFIX, diffusers_state_to_original
-from sd3fp8.tiny import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
+from sd3fp8.io.components import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
+from sd3fp8.io.detection import COMPONENT_PREFIXES
+from sd3fp8.io.layouts import MMDIT_PREFIX, diffusers_state_to_original
+from sd3fp8.miniature.tiny import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
 
 VAE_CHANNELS = (32, 64)  # 2x downsampling; multiples of the 32 norm groups SD3's VAE uses
 
@@ -93,7 +93,7 @@ def build_sd3_files(folder: Path, seed=0) -> SD3Files:
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from sd3fp8.components import vae_config
+    from sd3fp8.io.components import vae_config
 
     torch.manual_seed(seed)
     tok = build_clip_tokenizer(BASIC_WORDS, folder / "tokenizer")

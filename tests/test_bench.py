@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from sd3fp8 import Policy
-from sd3fp8.bench import PlainCastLinear, _component_bytes, apply_route, parse_configs
 from sd3fp8.cli import main
 from sd3fp8.errors import ConfigError
+from sd3fp8.evalkit.bench import PlainCastLinear, _component_bytes, apply_route, parse_configs
 
 
 def test_quick_bench_writes_a_report_and_reports_failures(tiny_model, tmp_path):

@@ -9,20 +9,15 @@ import torch
 from torch import nn
 
 from sd3fp8 import Policy
-from sd3fp8.calibration import (
-    Calibration,
-    CalibrationError,
-    apply_calibration,
-    budget_policy,
-    calibrate,
-    layer_sensitivity,
-    model_fingerprint,
-)
 from sd3fp8.cli import main
+from sd3fp8.engine.calibrate import calibrate, layer_sensitivity
+from sd3fp8.engine.pipeline import SD3FP8Pipeline
 from sd3fp8.errors import ConfigError
-from sd3fp8.linear import FP8Linear
-from sd3fp8.pipeline import RuntimeConfig, SD3FP8Pipeline
-from sd3fp8.tiny import TinySpec, write_tiny_model
+from sd3fp8.fp8.calibration import Calibration, CalibrationError, apply_calibration, model_fingerprint
+from sd3fp8.fp8.linear import FP8Linear
+from sd3fp8.miniature.tiny import TinySpec, write_tiny_model
+from sd3fp8.policy import budget_policy
+from sd3fp8.runtime import RuntimeConfig
 
 FP32 = RuntimeConfig(device="cpu", dtype="fp32")
 STATIC = RuntimeConfig(device="cpu", dtype="fp32", force_fp8=True)
@@ -172,8 +167,8 @@ def test_cli_calibrate_and_policy(tiny_model, tmp_path, capsys):
 def test_calibration_travels_with_the_checkpoint(calibration, tmp_path, fmt, granularity, suffix):
     from safetensors.torch import load_file, save_file
 
-    from sd3fp8.quantize import QuantizeOptions, quantize_file
-    from sd3fp8.singlefile import load_mmdit
+    from sd3fp8.io.quantize import QuantizeOptions, quantize_file
+    from sd3fp8.io.singlefile import load_mmdit
     from tests.test_layouts import original_from_diffusers
 
     cal, engine = calibration

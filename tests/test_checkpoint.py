@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd3fp8.checkpoint import LazyTensors, read_header
 from sd3fp8.errors import ModelLoadError
+from sd3fp8.io.checkpoint import LazyTensors, read_header
 
 
 @pytest.fixture

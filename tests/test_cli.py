@@ -4,8 +4,9 @@ import sys
 
 import pytest
 
-from sd3fp8 import cli, models
-from sd3fp8.pnginfo import read_parameters
+from sd3fp8 import cli
+from sd3fp8.engine.pnginfo import read_parameters
+from sd3fp8.miniature import bundled as models
 
 
 def run(capsys, *argv):
@@ -97,7 +98,8 @@ def test_inspect_json_reflects_overrides(tiny_model, capsys):
 def test_policy_file_and_exclude_flag(tiny_model, tmp_path, capsys):
     policy = tmp_path / "p.toml"
     policy.write_text('granularity = "tensor"\nexclude = ["proj_out", "norm_out", "time_text_embed", "context_embedder"]\n')
-    code, out, _ = run(capsys, "inspect", tiny_model, "--json", "--layers", "--policy", policy, "--exclude", "*.ff")
+    # --dtype fp32: "auto" would pick bf16 on CPUs with bf16 units, and no test may depend on the host CPU
+    code, out, _ = run(capsys, "inspect", tiny_model, "--json", "--layers", "--policy", policy, "--exclude", "*.ff", "--dtype", "fp32")
     rows = {r["name"]: r for r in json.loads(out)["components"]["transformer"]["layers"]}
     assert code == 0
     assert rows["transformer_blocks.0.attn.to_q"]["granularity"] == "tensor"

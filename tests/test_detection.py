@@ -7,9 +7,9 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import save_file
 
-from sd3fp8.checkpoint import read_header
-from sd3fp8.detection import detect
 from sd3fp8.errors import ModelLoadError
+from sd3fp8.io.checkpoint import read_header
+from sd3fp8.io.detection import detect
 from tests.test_layouts import original_from_diffusers, tiny_config
 
 

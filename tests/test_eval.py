@@ -6,9 +6,9 @@ from PIL import Image
 
 from sd3fp8 import cli
 from sd3fp8.errors import ConfigError
-from sd3fp8.evaluation import evaluate, parse_config, write_report
-from sd3fp8.models import default_model_path
-from sd3fp8.world import heldout_prompts
+from sd3fp8.evalkit.evaluation import evaluate, parse_config, write_report
+from sd3fp8.miniature.bundled import default_model_path
+from sd3fp8.miniature.world import heldout_prompts
 
 
 def test_parse_config():
@@ -65,7 +65,7 @@ def test_default_model_is_the_bundled_miniature():
 def test_bundled_model_draws_a_heldout_prompt_right(precision, dtype):
     """The miniature model, offline, at its default settings: a held-out caption is judged right."""
     from sd3fp8 import Policy, RuntimeConfig, SD3FP8Pipeline
-    from sd3fp8.judge import adherence
+    from sd3fp8.miniature.judge import adherence
 
     prompt = "a small blue circle at the bottom on a black background"
     assert prompt in heldout_prompts()  # training never saw it

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sd3fp8.errors import ConfigError, NonFiniteWeightError
-from sd3fp8.fp8 import (
+from sd3fp8.fp8.numerics import (
     FP8Format,
     Granularity,
     amax_to_scale,
@@ -175,7 +175,7 @@ def test_format_parsing():
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_finiteness_from_bytes_matches_float_conversion(dtype):
-    from sd3fp8.fp8 import fp8_all_finite
+    from sd3fp8.fp8.numerics import fp8_all_finite
 
     every_byte = torch.arange(256, dtype=torch.uint8).view(dtype)
     finite = torch.isfinite(every_byte.float())

@@ -6,7 +6,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
 from sd3fp8.errors import ModelLoadError
-from sd3fp8.layouts import (
+from sd3fp8.io.layouts import (
     Transform,
     convert_original_state_dict,
     diffusers_state_to_original,

@@ -5,8 +5,8 @@ from torch import nn
 
 from sd3fp8 import FP8Linear
 from sd3fp8.errors import ConfigError, NonFiniteWeightError
-from sd3fp8.fp8 import FP8Format, amax_to_scale, quantize, sqnr
-from sd3fp8.linear import Backend, resolve_backend
+from sd3fp8.fp8.linear import Backend, resolve_backend
+from sd3fp8.fp8.numerics import FP8Format, amax_to_scale, quantize, sqnr
 
 BACKENDS = [("weight-only", False), ("scaled-mm", True)]  # (backend, force_fp8): scaled-mm is forced on CPU
 SHAPES = [(64, 48), (96, 160), (10, 7)]  # (in, out); the last is not a multiple of 16

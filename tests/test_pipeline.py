@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from sd3fp8 import Policy, RuntimeConfig, SD3FP8Pipeline
+from sd3fp8.engine.inspection import inspect_pipeline
 from sd3fp8.errors import ConfigError, ModelLoadError
-from sd3fp8.fp8 import sqnr
-from sd3fp8.inspection import inspect_pipeline
-from sd3fp8.linear import FP8Linear
+from sd3fp8.fp8.linear import FP8Linear
+from sd3fp8.fp8.numerics import sqnr
 
 FAST = dict(steps=3, cfg=4.0, width=32, height=32)
 

@@ -4,7 +4,7 @@ import pytest
 
 from sd3fp8 import Policy, Precision
 from sd3fp8.errors import ConfigError
-from sd3fp8.fp8 import Granularity
+from sd3fp8.fp8.numerics import Granularity
 from sd3fp8.policy import matches
 
 # Linear names of diffusers' SD3Transformer2DModel (SD3.5 Medium has attn2 in its first blocks).

@@ -9,10 +9,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sd3fp8 import Policy
-from sd3fp8.checkpoint import read_header
 from sd3fp8.errors import ConfigError, ModelLoadError, SD3FP8Error
-from sd3fp8.quantize import QuantizeOptions, quantize_file
-from sd3fp8.singlefile import load_mmdit
+from sd3fp8.io.checkpoint import read_header
+from sd3fp8.io.quantize import QuantizeOptions, quantize_file
+from sd3fp8.io.singlefile import load_mmdit
 from tests.test_layouts import original_from_diffusers, tiny_config
 from tests.test_singlefile import assert_same_state, out
 
@@ -125,7 +125,7 @@ def test_quantize_cli(bf16_file, tmp_path, capsys):
 def test_atomic_outputs_get_ordinary_permissions(tmp_path):
     import os
 
-    from sd3fp8.atomic import atomic_write
+    from sd3fp8.io.atomic import atomic_write
 
     mask = os.umask(0o022)
     try:

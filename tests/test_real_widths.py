@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from sd3fp8 import Policy
-from sd3fp8.checkpoint import read_header
-from sd3fp8.detection import detect
-from sd3fp8.fp8 import dequantize
-from sd3fp8.layouts import diffusers_state_to_original
-from sd3fp8.linear import FP8Linear
-from sd3fp8.quantize import QuantizeOptions, quantize_file
-from sd3fp8.singlefile import load_mmdit
-from sd3fp8.swap import quantize_linears
+from sd3fp8.fp8.linear import FP8Linear
+from sd3fp8.fp8.numerics import dequantize
+from sd3fp8.fp8.swap import quantize_linears
+from sd3fp8.io.checkpoint import read_header
+from sd3fp8.io.detection import detect
+from sd3fp8.io.layouts import diffusers_state_to_original
+from sd3fp8.io.quantize import QuantizeOptions, quantize_file
+from sd3fp8.io.singlefile import load_mmdit
 from tests.sd3_files import save
 
 WIDTHS = {  # name -> (heads, layers, dual-attention layers)

@@ -9,10 +9,10 @@ from safetensors.torch import save_file
 
 from sd3fp8 import Policy
 from sd3fp8.errors import ModelLoadError, SD3FP8Error
-from sd3fp8.fp8 import FP8Format, Granularity, quantize_weight
-from sd3fp8.linear import FP8Linear
-from sd3fp8.singlefile import load_mmdit
-from sd3fp8.swap import quantize_linears
+from sd3fp8.fp8.linear import FP8Linear
+from sd3fp8.fp8.numerics import FP8Format, Granularity, quantize_weight
+from sd3fp8.fp8.swap import quantize_linears
+from sd3fp8.io.singlefile import load_mmdit
 from tests.test_layouts import original_from_diffusers, tiny_config
 
 P = "model.diffusion_model."
@@ -164,8 +164,8 @@ def test_pipeline_takes_its_transformer_from_a_single_file(tiny_model, tmp_path)
     import numpy as np
 
     from sd3fp8 import RuntimeConfig, SD3FP8Pipeline
-    from sd3fp8.layouts import diffusers_state_to_original
-    from sd3fp8.quantize import QuantizeOptions, quantize_file
+    from sd3fp8.io.layouts import diffusers_state_to_original
+    from sd3fp8.io.quantize import QuantizeOptions, quantize_file
 
     folder_engine = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(transformer="fp32"), RuntimeConfig(dtype="fp32"))
     transformer = folder_engine.pipe.transformer

@@ -9,12 +9,13 @@ import torch
 
 from sd3fp8 import Policy
 from sd3fp8.cli import main
+from sd3fp8.engine.pipeline import SD3FP8Pipeline
 from sd3fp8.errors import ConfigError, ModelLoadError
-from sd3fp8.fp8 import FP8Format, Granularity, quantize_weight
-from sd3fp8.linear import FP8Linear
-from sd3fp8.pipeline import RuntimeConfig, SD3FP8Pipeline
-from sd3fp8.quantize import T5_LINEAR_SUFFIXES
-from sd3fp8.sources import resolve_sources
+from sd3fp8.fp8.linear import FP8Linear
+from sd3fp8.fp8.numerics import FP8Format, Granularity, quantize_weight
+from sd3fp8.io.quantize import T5_LINEAR_SUFFIXES
+from sd3fp8.io.sources import resolve_sources
+from sd3fp8.runtime import RuntimeConfig
 from tests.sd3_files import build_sd3_files, reference_folder, save
 
 FP32 = RuntimeConfig(device="cpu", dtype="fp32")
@@ -23,7 +24,7 @@ CALL = dict(steps=2, cfg=2.0, seed=3, width=32, height=32)
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from sd3fp8.cli import quiet_libraries
+    from sd3fp8._env import quiet_libraries
 
     quiet_libraries()
     return build_sd3_files(tmp_path_factory.mktemp("tokenizers"))

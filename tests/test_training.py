@@ -1,7 +1,7 @@
 import hashlib
 import json
 
-from sd3fp8.training import TrainConfig, train_miniature
+from sd3fp8.miniature.training import TrainConfig, train_miniature
 
 SMOKE = TrainConfig(pool=24, vae_steps=2, vae_batch=4, dit_steps=3, dit_batch=4, warmup=1)
 

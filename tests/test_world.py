@@ -3,9 +3,9 @@ import random
 import numpy as np
 import pytest
 
-from sd3fp8.judge import adherence, analyze, features
-from sd3fp8.metrics import frechet_distance, psnr, ssim
-from sd3fp8.world import (
+from sd3fp8.evalkit.metrics import frechet_distance, psnr, ssim
+from sd3fp8.miniature.judge import adherence, analyze, features
+from sd3fp8.miniature.world import (
     BACKGROUNDS,
     COLORS,
     Scene,

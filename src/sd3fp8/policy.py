@@ -10,14 +10,14 @@ import dataclasses
 import enum
 import fnmatch
 import json
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+import tomllib
 import torch
 
-from .errors import ConfigError
-from .fp8 import FP8Format, Granularity
+from sd3fp8.errors import ConfigError
+from sd3fp8.fp8.numerics import FP8Format, Granularity
 
 
 class Precision(enum.Enum):
@@ -178,3 +178,19 @@ class Policy:
         lines.append(f"fp8 exclude     {', '.join(self.exclude)}")
         lines.append(f"encoder exclude {', '.join(self.encoder_exclude)}")
         return "\n".join(lines)
+
+
+def budget_policy(policy: Policy, ranking: list[dict] | tuple, transformer_params: int, budget_percent: float) -> tuple[Policy, list[str]]:
+    """Keep the most sensitive layers in 16 bit while their parameters fit in ``budget_percent`` % of
+    the transformer's parameters (on top of the policy's own exclusions). Returns (policy, kept layers)."""
+    if not 0 <= budget_percent <= 100:
+        raise ConfigError(f"--keep-budget must be a percentage in 0..100, got {budget_percent}")
+    if not ranking:
+        raise ConfigError("this calibration has no sensitivity ranking: run `sd3fp8 calibrate --sensitivity`")
+    allowance = transformer_params * budget_percent / 100
+    kept, used = [], 0
+    for row in ranking:
+        if used + row["params"] <= allowance:
+            kept.append(row["name"])
+            used += row["params"]
+    return policy.replace(exclude=policy.exclude + tuple(kept)), kept

@@ -1,7 +1,9 @@
 """Record pre-refactor outputs: the bundled model (fp32 and FP8 weight-only), 2 prompts, batch 2, default sampler."""
 import numpy as np
+
 from sd3fp8 import Policy, RuntimeConfig, SD3FP8Pipeline
-from sd3fp8.cli import quiet_libraries
+from sd3fp8._env import quiet_libraries
+
 quiet_libraries()
 out = {}
 for name, policy in (("fp32", Policy(transformer="fp32")), ("fp8", Policy())):

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .atomic import atomic_write
-
-from .errors import SD3FP8Error
+from sd3fp8.errors import SD3FP8Error
+from sd3fp8.io.atomic import atomic_write
 
 PARAMETERS_KEY = "sd3fp8"  # full JSON, read back by read_parameters
 A1111_KEY = "parameters"  # the human-readable line many image browsers show

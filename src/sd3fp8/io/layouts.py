@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .errors import ModelLoadError
+from sd3fp8.errors import ModelLoadError
 
 MMDIT_PREFIX = "model.diffusion_model."
 HEAD_DIM = 64  # every released SD3/SD3.5 MMDiT uses 64-wide heads (depth = hidden / 64)

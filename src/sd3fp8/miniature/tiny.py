@@ -17,11 +17,7 @@ import torch
 
 # Byte-level BPE alphabet of CLIP (printable bytes map to themselves).
 _ASCII = [chr(c) for c in range(ord("!"), ord("~") + 1)]
-BASIC_WORDS = (
-    "a an the of in on at with and to is small large big tiny red green blue yellow orange purple pink "
-    "white black gray grey brown circle square triangle cross star shape left right top bottom center "
-    "middle background photo picture painting cat dog house tree sky sea mountain city night day"
-).split()
+BASIC_WORDS = ["a", "an", "the", "of", "in", "on", "at", "with", "and", "to", "is", "small", "large", "big", "tiny", "red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black", "gray", "grey", "brown", "circle", "square", "triangle", "cross", "star", "shape", "left", "right", "top", "bottom", "center", "middle", "background", "photo", "picture", "painting", "cat", "dog", "house", "tree", "sky", "sea", "mountain", "city", "night", "day"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +104,12 @@ def build_t5_tokenizer(words: tuple[str, ...], folder: Path):
 
 def build_tiny_pipeline(spec: TinySpec, folder: Path):
     """Build every component of a tiny SD3 pipeline (random weights, deterministic from spec.seed)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(spec.seed)

@@ -12,17 +12,18 @@ import gc
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .errors import ConfigError, ModelLoadError
-from .components import FileSource
-from .calibration import Calibration, apply_calibration
-from .linear import ActivationScaling, Backend, ClipCounter, resolve_backend
-from .policy import COMPONENTS, Policy, Precision
-from .swap import fp8_layers as fp8_layers_of
+from sd3fp8.errors import ConfigError, ModelLoadError
+from sd3fp8.fp8.calibration import Calibration, apply_calibration
+from sd3fp8.fp8.linear import ClipCounter, resolve_backend
+from sd3fp8.fp8.swap import fp8_layers as fp8_layers_of
+from sd3fp8.io.components import FileSource
+from sd3fp8.policy import COMPONENTS, Policy, Precision
+from sd3fp8.runtime import RuntimeConfig, resolve_compute_dtype, resolve_device
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -32,75 +33,6 @@ MAX_SIDE = 4096  # pixels; SD3.5 is trained up to ~1.5 MP, beyond this is a typo
 MAX_BATCH = 64
 MAX_STEPS = 1000
 RECIPE_FILE = "sd3fp8.json"  # optional per-model defaults (steps, cfg, size) beside model_index.json
-
-
-@dataclasses.dataclass(frozen=True)
-class RuntimeConfig:
-    """Where and how the model runs (as opposed to how it is stored: that is the Policy)."""
-
-    device: str = "auto"  # auto = cuda if present, else cpu
-    dtype: str = "auto"  # compute dtype: auto, bf16, fp16, fp32
-    backend: Backend = Backend.AUTO
-    force_fp8: bool = False  # run scaled-mm even without FP8 tensor cores (slow on CPU; for testing)
-    activation: ActivationScaling = ActivationScaling.TENSOR
-    # none | model (diffusers' model CPU offload; needs an accelerator) | stages (load each stage's
-    # components when it runs and free them after: text encoders, then the transformer; peak memory
-    # is the largest stage instead of the sum, at the price of loading on every call)
-    offload: str = "none"
-    watch_clipping: bool = False  # count scaled-mm calls clipped by static (calibrated) input scales
-
-    def __post_init__(self):
-        object.__setattr__(self, "backend", Backend.parse(self.backend))
-        object.__setattr__(self, "activation", ActivationScaling.parse(self.activation))
-        if self.offload not in ("none", "model", "stages"):
-            raise ConfigError(f"unknown offload mode {self.offload!r}: expected none, model or stages")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ConfigError(f"unknown compute dtype {self.dtype!r}: expected auto, bf16, fp16 or fp32")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but no CUDA device is available")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matmul instructions (AVX512-BF16 or AMX).
-
-    Without them bf16 GEMMs are emulated: 6x slower than fp32 on this machine (AMD EPYC, AVX2).
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_compute_dtype(name: str, device: torch.device, transformer: Precision = Precision.FP8_E4M3) -> torch.dtype:
-    """The dtype activations flow in.
-
-    A 16/32-bit transformer runs in its own dtype (that is what a "bf16 baseline" means). With
-    FP8 weights: bf16 by default, fp32 on CPUs that would emulate bf16.
-    """
-    if transformer.is_fp8 or transformer is Precision.AUTO:
-        if name != "auto":
-            return DTYPES[name]
-        if device.type == "cpu" and not cpu_has_native_bf16():
-            return torch.float32
-        return torch.bfloat16
-    own = transformer.storage_dtype(torch.float32)
-    if name != "auto" and DTYPES[name] != own:
-        raise ConfigError(f"precision {transformer.value} runs the transformer in {transformer.value}; --dtype {name} contradicts it")
-    return own
 
 
 def check_model_folder(path: Path) -> dict:
@@ -207,8 +139,8 @@ class SD3FP8Pipeline:
         """
         from diffusers import StableDiffusion3Pipeline
 
-        from .loading import LoadSettings, effective_policy, load_component, load_scheduler, load_tokenizers
-        from .sources import resolve_sources
+        from sd3fp8.io.loading import LoadSettings, effective_policy, load_component, load_scheduler, load_tokenizers
+        from sd3fp8.io.sources import resolve_sources
 
         policy = policy or Policy()
         runtime = runtime or RuntimeConfig()

@@ -8,15 +8,15 @@ import warnings
 
 import torch
 
-from .checkpoint import read_header
-from .components import load_clip, load_t5, load_vae
-from .errors import ModelLoadError
-from .fp8 import is_fp8
-from .linear import ActivationScaling, Backend
-from .policy import Policy, Precision
-from .singlefile import FP8Recipe, load_mmdit
-from .sources import ModelSources
-from .swap import quantize_linears
+from sd3fp8.errors import ModelLoadError
+from sd3fp8.fp8.linear import ActivationScaling, Backend
+from sd3fp8.fp8.numerics import is_fp8
+from sd3fp8.fp8.swap import quantize_linears
+from sd3fp8.io.checkpoint import read_header
+from sd3fp8.io.components import load_clip, load_t5, load_vae
+from sd3fp8.io.singlefile import FP8Recipe, load_mmdit
+from sd3fp8.io.sources import ModelSources
+from sd3fp8.policy import Policy, Precision
 
 log = logging.getLogger(__name__)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import LazyTensors
-from .errors import ModelLoadError
-from .fp8 import all_finite
-from .singlefile import FP8Recipe, check_comfy_quant, gather_tensors, materialize, same_name
+from sd3fp8.errors import ModelLoadError
+from sd3fp8.fp8.numerics import all_finite
+from sd3fp8.io.checkpoint import LazyTensors
+from sd3fp8.io.singlefile import FP8Recipe, check_comfy_quant, gather_tensors, materialize, same_name
 
 HEAD_DIM = 64  # CLIP-L (768 = 12 x 64), CLIP-G (1280 = 20 x 64)
 VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR = 1.5305, 0.0609  # SD3's latent normalisation (not in the weights)

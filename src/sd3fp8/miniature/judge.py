@@ -12,7 +12,7 @@ from collections import deque
 
 import numpy as np
 
-from .world import BACKGROUNDS, CELL_CENTERS, COLORS, IMAGE_SIZE, Scene, parse_caption
+from sd3fp8.miniature.world import BACKGROUNDS, CELL_CENTERS, COLORS, IMAGE_SIZE, Scene, parse_caption
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as a shape pixel
 MIN_AREA = 12  # pixels (at 64x64); smaller blobs are noise

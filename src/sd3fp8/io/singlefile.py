@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .checkpoint import LazyTensors
-from .detection import detect
-from .errors import ModelLoadError
-from .fp8 import FP8Format, Granularity, all_finite, dequantize, is_fp8, quantize_weight
-from .layouts import IDENTITY, MMDIT_PREFIX, Transform, original_key_to_diffusers
-from .linear import ActivationScaling, Backend, FP8Linear, resolve_backend
-from .policy import Policy
+from sd3fp8.errors import ModelLoadError
+from sd3fp8.fp8.linear import ActivationScaling, Backend, FP8Linear, resolve_backend
+from sd3fp8.fp8.numerics import FP8Format, Granularity, all_finite, dequantize, is_fp8, quantize_weight
+from sd3fp8.io.checkpoint import LazyTensors
+from sd3fp8.io.detection import detect
+from sd3fp8.io.layouts import IDENTITY, MMDIT_PREFIX, Transform, original_key_to_diffusers
+from sd3fp8.policy import Policy
 
 # Per-layer scale tensors, by the name each format gives them: ComfyUI's old scaled-fp8 names,
 # and the newer names (ComfyUI's comfy_quant and the sd3fp8 format).

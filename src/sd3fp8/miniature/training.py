@@ -1,6 +1,6 @@
 """Train the miniature SD3 on the shape world, from scratch and deterministically.
 
-    python -m sd3fp8.training --out src/sd3fp8/assets/mini-sd3
+    python -m sd3fp8.miniature.training --out src/sd3fp8/assets/mini-sd3
 
 Stage 1 trains the AutoencoderKL (16 latent channels, 8x downsampling) on world images and sets
 SD3-style ``shift_factor``/``scaling_factor`` from its latent statistics. Stage 2 trains the
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .tiny import TinySpec, build_tiny_pipeline
-from .world import IMAGE_SIZE, WORLD_WORDS, sample
+from sd3fp8.miniature.tiny import TinySpec, build_tiny_pipeline
+from sd3fp8.miniature.world import IMAGE_SIZE, WORLD_WORDS, sample
 
 MINI_SPEC = TinySpec(
     hidden=128, heads=4, layers=4, dual_attention_layers=(0, 1), qk_norm="rms_norm",
@@ -201,7 +201,7 @@ def train_miniature(out: str | Path, config: TrainConfig = TrainConfig(), spec: 
         pipe.save_pretrained(staging, safe_serialization=True)
         recipe = {
             "name": "mini-sd3-shapes",
-            "description": "miniature SD3 trained on the sd3fp8 shape world (python -m sd3fp8.training)",
+            "description": "miniature SD3 trained on the sd3fp8 shape world (python -m sd3fp8.miniature.training)",
             "defaults": {"steps": config.steps, "cfg": config.cfg, "width": IMAGE_SIZE, "height": IMAGE_SIZE,
                          "max_sequence_length": spec.max_tokens},
             "world": "shapes-v1",
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     for field in dataclasses.fields(TrainConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
-    from .cli import quiet_libraries
+    from sd3fp8._env import quiet_libraries
 
     quiet_libraries()
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})

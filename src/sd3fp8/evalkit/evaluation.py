@@ -9,17 +9,18 @@ import gc
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError
-from .inspection import component_summary
-from .metrics import frechet_distance, psnr, ssim
-from .pipeline import RECIPE_FILE, RuntimeConfig, SD3FP8Pipeline
-from .policy import Policy
+from sd3fp8.engine.inspection import component_summary
+from sd3fp8.engine.pipeline import RECIPE_FILE, SD3FP8Pipeline
+from sd3fp8.errors import ConfigError
+from sd3fp8.evalkit.metrics import frechet_distance, psnr, ssim
+from sd3fp8.policy import Policy
+from sd3fp8.runtime import RuntimeConfig
 
 SHAPE_WORLD = "shapes-v1"
 
@@ -83,7 +84,7 @@ def read_prompts(path: Path) -> list[str]:
 def default_prompts(model_path: Path, count: int = 8) -> list[str]:
     """Held-out captions for a shape-world model, else the shipped SD3.5 prompt set."""
     if model_world(model_path) == SHAPE_WORLD:
-        from .world import heldout_prompts
+        from sd3fp8.miniature.world import heldout_prompts
 
         return heldout_prompts(count)
     return read_prompts(Path(__file__).parent / "prompts" / "sd35.txt")[:count]
@@ -93,7 +94,7 @@ def calibration_prompts(model_path: Path, count: int = 32) -> list[str]:
     """Training-distribution captions for a shape-world model (never the held-out ones eval uses),
     else the shipped SD3.5 calibration set."""
     if model_world(model_path) == SHAPE_WORLD:
-        from .world import calibration_prompts as world_prompts
+        from sd3fp8.miniature.world import calibration_prompts as world_prompts
 
         return world_prompts(count)
     return read_prompts(Path(__file__).parent / "prompts" / "calibration.txt")[:count]
@@ -118,7 +119,8 @@ def run_config(model: Path | None, config: EvalConfig, prompts: list[str], seeds
                steps: int | None, on_image: Callable[[], None], calibration: Path | None = None) -> RunResult:
     policy = base_policy.replace(**config.policy)
     if config.keep_budget is not None:
-        from .calibration import Calibration, budget_policy
+        from sd3fp8.fp8.calibration import Calibration
+        from sd3fp8.policy import budget_policy
 
         cal = Calibration.load(calibration)
         policy, _ = budget_policy(policy, cal.sensitivity, cal.transformer_params, config.keep_budget)
@@ -153,7 +155,7 @@ def evaluate(
     """Run every configuration on the same prompts and seeds; return the report (and images)."""
     from tqdm import tqdm
 
-    from .models import default_model_path
+    from sd3fp8.miniature.bundled import default_model_path
 
     model_path = Path(model) if model is not None else default_model_path()
     configs = [parse_config(reference)] + [parse_config(c) for c in candidates]
@@ -176,8 +178,8 @@ def evaluate(
         "configs": [],
     }
     if judged:
-        from .judge import adherence, features
-        from .world import parse_caption, render
+        from sd3fp8.miniature.judge import adherence, features
+        from sd3fp8.miniature.world import parse_caption, render
 
         captions = [p for p in prompts for _ in seeds]
         real = [np.asarray(render(parse_caption(c), seed=1000 + i)) for i, c in enumerate(captions)]

@@ -15,9 +15,9 @@ from collections import Counter
 
 import torch
 
-from .checkpoint import Header
-from .errors import ModelLoadError
-from .layouts import MMDIT_PREFIX, mmdit_config, strip_prefix, variant_name
+from sd3fp8.errors import ModelLoadError
+from sd3fp8.io.checkpoint import Header
+from sd3fp8.io.layouts import MMDIT_PREFIX, mmdit_config, strip_prefix, variant_name
 
 COMPONENT_PREFIXES = {
     "vae": "first_stage_model.",

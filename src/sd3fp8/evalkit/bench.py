@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .policy import Policy
+from sd3fp8.errors import ConfigError
+from sd3fp8.policy import Policy
 
 REFERENCE = "bf16"
 # name -> (policy changes, runtime changes, route applied to the loaded transformer or None)
@@ -101,7 +101,11 @@ def apply_route(route: str, transformer: nn.Module, keep, compute_dtype: torch.d
         freeze(transformer)
     elif route in ("torchao-wo", "torchao-dq"):
         try:
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, quantize_
+            from torchao.quantization import (
+                Float8DynamicActivationFloat8WeightConfig,
+                Float8WeightOnlyConfig,
+                quantize_,
+            )
         except ImportError:
             raise ConfigError(f"torchao is not installed ({EXTRA_HINT})") from None
         config = Float8WeightOnlyConfig() if route == "torchao-wo" else Float8DynamicActivationFloat8WeightConfig()
@@ -167,7 +171,8 @@ def _component_bytes(module: nn.Module | None) -> int:
 
 
 def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
-    from .pipeline import RuntimeConfig, SD3FP8Pipeline
+    from sd3fp8.engine.pipeline import SD3FP8Pipeline
+    from sd3fp8.runtime import RuntimeConfig
 
     policy_changes, runtime_changes, route = CONFIGS[name]
     if route == "calibrated" and spec.calibration is None:
@@ -220,9 +225,9 @@ def run_synthetic_config(name: str, spec: BenchSpec) -> dict:
     """The transformer alone at SD3.5 width: random weights (seeded), one input, forward timed."""
     from diffusers import SD3Transformer2DModel
 
-    from .pipeline import DTYPES, resolve_compute_dtype, resolve_device
-    from .policy import Precision
-    from .swap import quantize_linears
+    from sd3fp8.fp8.swap import quantize_linears
+    from sd3fp8.policy import Precision
+    from sd3fp8.runtime import DTYPES, resolve_compute_dtype, resolve_device
 
     policy_changes, runtime_changes, route = CONFIGS[name]
     if route == "calibrated":
@@ -268,7 +273,7 @@ def run_synthetic_config(name: str, spec: BenchSpec) -> dict:
 
 
 def worker(name: str, spec_json: str) -> None:
-    from .cli import quiet_libraries
+    from sd3fp8._env import quiet_libraries
 
     quiet_libraries()
     spec = BenchSpec(**json.loads(spec_json))
@@ -279,7 +284,7 @@ def worker(name: str, spec_json: str) -> None:
 
 def run_in_process(name: str, spec: BenchSpec) -> dict:
     """One configuration in a fresh interpreter; failures come back as {"error": ...}."""
-    cmd = [sys.executable, "-m", "sd3fp8.bench", name, json.dumps(dataclasses.asdict(spec))]
+    cmd = [sys.executable, "-m", "sd3fp8.evalkit.bench", name, json.dumps(dataclasses.asdict(spec))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for line in proc.stdout.splitlines():
         if line.startswith("SD3FP8-BENCH "):
@@ -322,8 +327,8 @@ def parse_configs(text: str) -> list[str]:
 def bench(spec: BenchSpec, configs: list[str], progress=print) -> dict:
     from PIL import Image
 
-    from .evaluation import SHAPE_WORLD, model_world
-    from .metrics import psnr, ssim
+    from sd3fp8.evalkit.evaluation import SHAPE_WORLD, model_world
+    from sd3fp8.evalkit.metrics import psnr, ssim
 
     rows = []
     for name in configs:
@@ -358,9 +363,9 @@ def bench(spec: BenchSpec, configs: list[str], progress=print) -> dict:
         row["psnr"] = float(np.mean([min(psnr(a, b), 100.0) for a, b in pairs]))
         row["ssim"] = float(np.mean([ssim(a, b) for a, b in pairs]))
         if spec.model is None or model_world(Path(spec.model)) == SHAPE_WORLD:
-            from .judge import adherence, features
-            from .metrics import frechet_distance
-            from .world import parse_caption, render
+            from sd3fp8.evalkit.metrics import frechet_distance
+            from sd3fp8.miniature.judge import adherence, features
+            from sd3fp8.miniature.world import parse_caption, render
 
             row["adherence"] = float(np.mean([adherence(img, p) for img, p in zip(images[row["name"]], spec.prompts)]))
             if len(spec.prompts) > 1:  # distribution distance to the world's own renders, as eval reports it
@@ -448,7 +453,7 @@ def plots(report: dict, out: Path) -> list[Path]:
 
 
 def write_report(report: dict, out: Path, command: str) -> list[Path]:
-    from .evaluation import image_grid
+    from sd3fp8.evalkit.evaluation import image_grid
 
     out.mkdir(parents=True, exist_ok=True)
     paths = plots(report, out)

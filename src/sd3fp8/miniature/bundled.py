@@ -1,6 +1,6 @@
 """Where the default model comes from: the miniature SD3 bundled with the package.
 
-It was trained on the shape world by ``python -m sd3fp8.training`` (see docs/miniature.md) and
+It was trained on the shape world by ``python -m sd3fp8.miniature.training`` (see docs/miniature.md) and
 lives in ``sd3fp8/assets/mini-sd3`` in the diffusers folder layout.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ModelLoadError
+from sd3fp8.errors import ModelLoadError
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "mini-sd3"
 

@@ -16,12 +16,12 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from .checkpoint import read_header
-from .components import FileSource
-from .detection import COMPONENT_PREFIXES, Detection, detect
-from .errors import ConfigError, ModelLoadError
-from .layouts import MMDIT_PREFIX
-from .policy import Policy, Precision
+from sd3fp8.errors import ConfigError, ModelLoadError
+from sd3fp8.io.checkpoint import read_header
+from sd3fp8.io.components import FileSource
+from sd3fp8.io.detection import COMPONENT_PREFIXES, Detection, detect
+from sd3fp8.io.layouts import MMDIT_PREFIX
+from sd3fp8.policy import Policy, Precision
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def find_tokenizers(search: list[Path], need_t5: bool) -> dict[str, Path]:
 def resolve_sources(model: Path | None, policy: Policy, checkpoint: str | None = None,
                     extra: tuple[Path, ...] = (), tokenizers: Path | None = None) -> ModelSources:
     """Where every component of ``model`` comes from (see the module docstring)."""
-    from .models import default_model_path
+    from sd3fp8.miniature.bundled import default_model_path
 
     skipped: dict[Path, str] = {}
     if model is None:

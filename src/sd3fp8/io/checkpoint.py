@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from sd3fp8.errors import ModelLoadError
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 DTYPES = {
@@ -104,7 +104,7 @@ def read_header(path: str | Path) -> Header:
         tensors[name] = info
         ranges.append((begin, end, name))
     ranges.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+    for (_, e0, n0), (b1, _, n1) in zip(ranges, ranges[1:]):
         if b1 < e0:
             raise ModelLoadError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
     return Header(path, tensors, dict(metadata), data_start)

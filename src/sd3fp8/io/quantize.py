@@ -19,19 +19,19 @@ import hashlib
 import json
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .atomic import atomic_write
-from .calibration import Calibration, file_fingerprint
-from .checkpoint import DTYPE_NAMES, Header, LazyTensors
-from .detection import COMPONENT_PREFIXES, detect
-from .errors import ConfigError, ModelLoadError
-from .fp8 import FP8Format, Granularity, check_finite, quantize_weight
-from .layouts import MMDIT_PREFIX, original_module_to_diffusers
-from .policy import Policy, matches
+from sd3fp8.errors import ConfigError, ModelLoadError
+from sd3fp8.fp8.calibration import Calibration, file_fingerprint
+from sd3fp8.fp8.numerics import FP8Format, Granularity, check_finite, quantize_weight
+from sd3fp8.io.atomic import atomic_write
+from sd3fp8.io.checkpoint import DTYPE_NAMES, Header, LazyTensors
+from sd3fp8.io.detection import COMPONENT_PREFIXES, detect
+from sd3fp8.io.layouts import MMDIT_PREFIX, original_module_to_diffusers
+from sd3fp8.policy import Policy, matches
 
 FORMAT_VERSION = "1"
 HASH_PLACEHOLDER = "0" * 64  # the source's SHA-256, filled in once the background hash is done

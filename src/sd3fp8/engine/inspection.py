@@ -7,8 +7,8 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .linear import FP8Linear
-from .policy import COMPONENT_LABELS, COMPONENTS
+from sd3fp8.fp8.linear import FP8Linear
+from sd3fp8.policy import COMPONENT_LABELS, COMPONENTS
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -100,5 +100,5 @@ def format_report(report: dict) -> str:
                     recipe += f", activation {row['activation']}"
                 if row["fallback"]:
                     recipe += f" (fallback: {row['fallback']})"
-            lines.append(f"  {row['name']:<60} {row['type']:<22} {row['dtype']:<14} {str(tuple(row['shape'])):<16} {recipe}")
+            lines.append(f"  {row['name']:<60} {row['type']:<22} {row['dtype']:<14} {tuple(row['shape'])!s:<16} {recipe}")
     return "\n".join(lines)

@@ -1,14 +1,8 @@
-"""Calibration: activation statistics over whole denoising runs, static FP8 input scales, per-layer
-sensitivity and budgeted selective-precision policies.
+"""Calibration files and statistics: per-layer, per-step activation ranges and the static FP8 input
+scales derived from them (the runs that record them are in ``sd3fp8.engine.calibrate``).
 
-- ``calibrate`` runs the pipeline (every step, the CFG batch included) on representative prompts
-  with the transformer in high precision, recording for every Linear the amax and a few
-  percentiles of |input| at each step. Static scales default to the global max / 448 (NVIDIA's
-  recipe); ``percentile`` uses the largest per-step percentile instead.
-- ``layer_sensitivity`` measures, for each layer the policy makes FP8, the error of the final
-  latents when that layer alone runs W8A8 with its static scale and the rest stays high precision.
-- ``budget_policy`` keeps the most sensitive layers in 16 bit within a parameter budget.
-A calibration file is JSON; it names the model it was made for (a fingerprint of the
+Static scales default to the global max / 448 (NVIDIA's recipe); ``percentile`` uses the largest
+per-step percentile instead. A calibration file is JSON; it names the model it was made for (a fingerprint of the
 transformer's layer shapes and its never-quantized patch embedder) and is refused elsewhere.
 """
 
@@ -18,16 +12,14 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .atomic import atomic_write
-from .errors import ConfigError
-from .fp8 import FP8Format
-from .linear import FP8Linear
-from .policy import Policy
+from sd3fp8.errors import ConfigError
+from sd3fp8.fp8.linear import FP8Linear
+from sd3fp8.fp8.numerics import FP8Format
+from sd3fp8.io.atomic import atomic_write
 
 FORMAT = "sd3fp8-calibration"
 VERSION = 1
@@ -181,40 +173,6 @@ class StatsRecorder:
             h.remove()
 
 
-def calibrate(engine, prompts: list[str], seeds: list[int], steps: int | None = None, cfg: float | None = None,
-              on_image: Callable[[], None] | None = None) -> Calibration:
-    """Run ``engine`` (its transformer in high precision) over prompts x seeds and record statistics."""
-    transformer = engine.pipe.transformer
-    if transformer is None:
-        raise ConfigError("calibration needs the transformer resident: use --offload none")
-    if any(isinstance(m, FP8Linear) for m in transformer.modules()):
-        raise ConfigError("calibrate a high-precision transformer (precision bf16 or fp32), not an FP8 one")
-    steps = engine.recipe.steps if steps is None else steps
-    cfg = engine.recipe.cfg if cfg is None else cfg
-    recorder = StatsRecorder(transformer)
-    timesteps: list[float] = []
-
-    def on_step(info):
-        if len(timesteps) < info["total"]:
-            timesteps.append(info["timestep"])
-        recorder.step = info["step"] % info["total"]  # the next call belongs to the next step
-
-    try:
-        for prompt in prompts:
-            for seed in seeds:
-                recorder.step = 0
-                engine(prompt, seed=seed, steps=steps, cfg=cfg, callback=on_step)
-                if on_image:
-                    on_image()
-    finally:
-        recorder.close()
-    return Calibration(
-        fingerprint=model_fingerprint(transformer), model=str(engine.model_path), prompts=tuple(prompts), seeds=tuple(seeds),
-        steps=steps, cfg=cfg, size=(engine.recipe.width, engine.recipe.height), timesteps=tuple(timesteps), stats=recorder.stats,
-        transformer_params=sum(p.numel() for p in transformer.parameters()),
-    )
-
-
 def apply_calibration(transformer: nn.Module, calibration: Calibration, source: str = "this model") -> list[str]:
     """Set static input scales on the transformer's FP8 layers; returns layers left dynamic (no statistics)."""
     calibration.check_model(transformer, source)
@@ -227,62 +185,3 @@ def apply_calibration(transformer: nn.Module, calibration: Calibration, source: 
             else:
                 uncovered.append(name)
     return uncovered
-
-
-# ---- sensitivity and budgets ---------------------------------------------------------------
-
-def layer_sensitivity(engine, calibration: Calibration, policy: Policy, prompts: list[str], seeds: list[int],
-                      steps: int | None = None, on_layer: Callable[[str], None] | None = None) -> list[dict]:
-    """Rank the layers ``policy`` makes FP8 by the final-latent error each causes alone (W8A8, static scale).
-
-    error = ||latents_layer_fp8 - latents_ref||^2 / ||latents_ref||^2, averaged over prompts x seeds.
-    Deterministic: same noise, same prompts, no randomness in the measurement.
-    """
-    transformer = engine.pipe.transformer
-    calibration.check_model(transformer)
-    steps = calibration.steps if steps is None else steps
-    scales = calibration.input_scales()
-    keep = policy.layer_filter("transformer")
-    candidates = [n for n, m in transformer.named_modules() if type(m) is nn.Linear and keep(n) and n in scales]
-
-    def latents():
-        out = []
-        for prompt in prompts:
-            for seed in seeds:
-                out.append(engine.latents(prompt, seed=seed, steps=steps, cfg=calibration.cfg))
-        return torch.stack(out)
-
-    reference = latents()
-    ranking = []
-    for name in candidates:
-        parent_name, _, child = name.rpartition(".")
-        parent = transformer.get_submodule(parent_name)
-        original = getattr(parent, child)
-        fp8 = FP8Linear.from_linear(original, policy.transformer.fp8_format, policy.granularity, "scaled-mm",
-                                    force_fp8=True, input_scale=scales[name], name=name)
-        setattr(parent, child, fp8)
-        try:
-            error = float(((latents() - reference).float().pow(2).sum() / reference.float().pow(2).sum().clamp_min(1e-20)))
-        finally:
-            setattr(parent, child, original)
-        ranking.append({"name": name, "error": error, "params": original.weight.numel()})
-        if on_layer:
-            on_layer(name)
-    ranking.sort(key=lambda r: (-r["error"], r["name"]))
-    return ranking
-
-
-def budget_policy(policy: Policy, ranking: list[dict] | tuple, transformer_params: int, budget_percent: float) -> tuple[Policy, list[str]]:
-    """Keep the most sensitive layers in 16 bit while their parameters fit in ``budget_percent`` % of
-    the transformer's parameters (on top of the policy's own exclusions). Returns (policy, kept layers)."""
-    if not 0 <= budget_percent <= 100:
-        raise ConfigError(f"--keep-budget must be a percentage in 0..100, got {budget_percent}")
-    if not ranking:
-        raise ConfigError("this calibration has no sensitivity ranking: run `sd3fp8 calibrate --sensitivity`")
-    allowance = transformer_params * budget_percent / 100
-    kept, used = [], 0
-    for row in ranking:
-        if used + row["params"] <= allowance:
-            kept.append(row["name"])
-            used += row["params"]
-    return policy.replace(exclude=policy.exclude + tuple(kept)), kept

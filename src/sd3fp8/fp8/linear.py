@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
-from .fp8 import FP8Format, Granularity, amax, amax_to_scale, decode, quantize, quantize_weight
+from sd3fp8.errors import ConfigError
+from sd3fp8.fp8.numerics import FP8Format, Granularity, amax, amax_to_scale, decode, quantize, quantize_weight
 
 # torch._scaled_mm on CUDA wants K and N to be multiples of 16 (the FP8 tensor-core tile).
 SCALED_MM_ALIGNMENT = 16

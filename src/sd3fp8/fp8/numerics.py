@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from .errors import ConfigError, NonFiniteWeightError
+from sd3fp8.errors import ConfigError, NonFiniteWeightError
 
 
 class FP8Format(enum.Enum):
@@ -160,7 +160,7 @@ def quantize_weight(
     return weight_fp8, scale.reshape(-1) if granularity is Granularity.CHANNEL else scale
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def decode_table(fmt: FP8Format, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
     """The value of each of the 256 codes, in ``dtype``: a 256-entry lookup table.
 
@@ -170,7 +170,7 @@ def decode_table(fmt: FP8Format, dtype: torch.dtype, device: str = "cpu") -> tor
     return codes.float().to(dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pair_decode_table(fmt: FP8Format, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
     """A [65536, 2] table decoding two adjacent codes at once (indexed by their uint16 bits).
 

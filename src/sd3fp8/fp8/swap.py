@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .fp8 import FP8Format, Granularity
-from .linear import ActivationScaling, Backend, FP8Linear
+from sd3fp8.fp8.linear import ActivationScaling, Backend, FP8Linear
+from sd3fp8.fp8.numerics import FP8Format, Granularity
 
 
 def quantize_linears(

@@ -1,0 +1,94 @@
+"""`sd3fp8 inspect` and `sd3fp8 quantize`: what a model or file is, and FP8 conversion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sd3fp8.cli.common import _add_model_options, build_engine
+from sd3fp8.errors import ConfigError
+
+
+def inspect_file(path: Path, as_json: bool) -> int:
+    """A single checkpoint file: what it is, from its header alone (nothing is loaded)."""
+    from sd3fp8.io.checkpoint import read_header
+    from sd3fp8.io.detection import detect
+
+    header = read_header(path)
+    detection = detect(header)
+    size = sum(t.nbytes for t in header.tensors.values())
+    if as_json:
+        print(json.dumps({"path": str(path), "kind": detection.kind, "variant": detection.variant, "fp8": detection.fp8,
+                          "components": list(detection.components), "mmdit_config": detection.mmdit_config,
+                          "dtypes": detection.dtypes, "tensors": len(header.tensors), "bytes": size}, indent=2))
+    else:
+        print(f"{path}\n  {detection.describe()}\n  {len(header.tensors)} tensors, {size / 2**20:.1f} MiB; "
+              f"dtypes: {', '.join(f'{d} x{n}' for d, n in detection.dtypes.items())}")
+        if detection.mmdit_config:
+            c = detection.mmdit_config
+            print(f"  MMDiT: depth {c['num_layers']}, width {c['num_attention_heads'] * c['attention_head_dim']}, "
+                  f"dual-attention layers {list(c['dual_attention_layers'])}, qk-norm {c['qk_norm']}, pos-embed {c['pos_embed_max_size']}^2")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from sd3fp8.engine.inspection import format_report, inspect_pipeline
+
+    if args.path is not None and args.path.is_file():
+        return inspect_file(args.path, args.json)
+    if args.path is not None:
+        args.model = args.path
+    report = inspect_pipeline(build_engine(args), layers=args.layers)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from tqdm import tqdm
+
+    from sd3fp8.fp8.calibration import Calibration
+    from sd3fp8.io.quantize import QuantizeOptions, quantize_file
+    from sd3fp8.policy import Policy
+
+    options = QuantizeOptions(
+        format=args.format, granularity=args.granularity or ("tensor" if args.format == "comfy" else "channel"),
+        fp8=args.fp8, t5=args.t5, policy=Policy.load(args.policy) if args.policy else Policy(), force=args.force,
+        calibration=Calibration.load(args.calibration) if args.calibration else None,
+    )
+    if not args.src.is_file():
+        raise ConfigError(f"{args.src} is not a file (quantize takes a single .safetensors checkpoint)")
+    bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize", disable=args.quiet)
+
+    def on_progress(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        path = quantize_file(args.src, args.out, options, on_progress)
+    finally:
+        bar.close()
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, from {args.src.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="show components, dtypes and per-layer FP8 recipes")
+    p.add_argument("path", nargs="?", type=Path, help="model folder, or a .safetensors file (default: the bundled model)")
+    p.add_argument("--layers", action="store_true", help="list every weight-owning module")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("quantize", help="convert a 16/32-bit checkpoint to FP8, streaming")
+    p.add_argument("src", type=Path, help="source .safetensors (original single-file layout or standalone T5)")
+    p.add_argument("--out", type=Path, required=True, help="destination .safetensors (written atomically)")
+    p.add_argument("--format", default="sd3fp8", help="sd3fp8 (FP8 + per-channel or per-tensor weight_scale) or comfy (ComfyUI scaled fp8)")
+    p.add_argument("--granularity", help="tensor or channel (default: channel; comfy: tensor)")
+    p.add_argument("--fp8", default="e4m3", help="e4m3 or e5m2")
+    p.add_argument("--t5", default="keep", help="fp8 or keep: quantize a T5-XXL encoder found in the file")
+    p.add_argument("--policy", type=Path, help="precision policy file: which MMDiT layers go FP8")
+    p.add_argument("--calibration", type=Path, help="store its static input scales (sd3fp8: input_scale, comfy: scale_input)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_quantize)

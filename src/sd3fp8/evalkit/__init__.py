@@ -1,0 +1,1 @@
+"""Measuring: image metrics, quality evaluation against a reference, speed/memory benchmarks."""

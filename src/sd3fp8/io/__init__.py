@@ -1,0 +1,1 @@
+"""Files: safe safetensors reading, layout detection, key layouts, loading components, quantize/convert, atomic writes."""
