@@ -161,8 +161,8 @@ def measure_pipeline(model: str, tokenizers: str, t5: str, offload: str, size: i
     @contextlib.contextmanager
     def labelled(*names):
         current[0] = "text encoders" if "text_encoder" in names else "+".join(names)
-        with stage(*names):
-            yield
+        with stage(*names) as modules:
+            yield modules
         current[0] = "after " + current[0]
 
     engine.stage = labelled

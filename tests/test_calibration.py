@@ -35,7 +35,7 @@ def calibration(tiny_model):
 
 def test_statistics_cover_every_linear_and_step(calibration):
     cal, engine = calibration
-    linears = [n for n, m in engine.pipe.transformer.named_modules() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in engine.component("transformer").named_modules() if isinstance(m, nn.Linear)]
     assert sorted(cal.stats) == sorted(linears)
     assert len(cal.timesteps) == STEPS and cal.prompts == tuple(PROMPTS)
     for stats in cal.stats.values():
@@ -69,10 +69,10 @@ def test_static_scales_are_used_when_present_and_dynamic_otherwise(calibration, 
     static = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=STATIC, calibration=path)
     dynamic = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=STATIC)
     scales = cal.input_scales()
-    for name, layer in static.pipe.transformer.named_modules():
+    for name, layer in static.component("transformer").named_modules():
         if isinstance(layer, FP8Linear):
             assert float(layer.input_scale) == pytest.approx(scales[name]) and layer.describe()["activation"] == "static"
-    assert all(m.input_scale is None for m in dynamic.pipe.transformer.modules() if isinstance(m, FP8Linear))
+    assert all(m.input_scale is None for m in dynamic.component("transformer").modules() if isinstance(m, FP8Linear))
     a = static.latents("a red circle", steps=2)
     b = dynamic.latents("a red circle", steps=2)
     assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.2)  # different scales, same picture
@@ -89,7 +89,7 @@ def test_clipping_counter_counts(calibration, tiny_model, tmp_path):
     clipped = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=watch, calibration=tiny.save(tmp_path / "small.json"))
     clipped.latents(PROMPTS[0], steps=STEPS, cfg=2.0)
     rows = clipped.clip_counter.report()
-    fp8 = [n for n, m in clipped.pipe.transformer.named_modules() if isinstance(m, FP8Linear)]
+    fp8 = [n for n, m in clipped.component("transformer").named_modules() if isinstance(m, FP8Linear)]
     assert {r["name"] for r in rows} == set(fp8)
     # ranges shrunk 4x: every call clips (by less downstream of clipped layers, whose outputs shrink)
     assert all(r["clipped_calls"] == r["calls"] == STEPS and 2.0 < r["worst_ratio"] < 4.5 for r in rows)
@@ -106,7 +106,7 @@ def test_sensitivity_ranking_is_deterministic_and_covers_the_fp8_layers(calibrat
     errors = {r["name"]: r["error"] for r in again}
     assert errors.pop("transformer_blocks.1.attn.add_q_proj") == 0.0 and min(errors.values()) > 0
     # the model under test is left as it was: no FP8 layer remains
-    assert not any(isinstance(m, FP8Linear) for m in engine.pipe.transformer.modules())
+    assert not any(isinstance(m, FP8Linear) for m in engine.component("transformer").modules())
 
 
 def test_budget_keeps_exactly_the_chosen_layers():
@@ -128,7 +128,7 @@ def test_budgeted_policy_runs_those_layers_in_16_bit(calibration, tiny_model):
     policy, kept = budget_policy(Policy(), cal.sensitivity, cal.transformer_params, 10)
     assert kept
     engine = SD3FP8Pipeline.from_pretrained(tiny_model, policy, FP32)
-    modules = dict(engine.pipe.transformer.named_modules())
+    modules = dict(engine.component("transformer").named_modules())
     assert all(type(modules[n]) is nn.Linear for n in kept)
     assert set(engine.fp8_layers["transformer"]) == {r["name"] for r in cal.sensitivity} - set(kept)
 
@@ -140,13 +140,13 @@ def test_calibration_for_another_model_is_refused(calibration, tmp_path):
         SD3FP8Pipeline.from_pretrained(other, runtime=STATIC, calibration=cal.save(tmp_path / "cal.json"))
     engine = SD3FP8Pipeline.from_pretrained(other, runtime=STATIC)
     with pytest.raises(CalibrationError, match="fingerprint"):
-        apply_calibration(engine.pipe.transformer, cal)
+        apply_calibration(engine.component("transformer"), cal)
 
 
 def test_fingerprint_survives_fp8_storage(calibration, tiny_model):
     cal, engine = calibration
     fp8 = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=FP32)
-    assert model_fingerprint(fp8.pipe.transformer) == model_fingerprint(engine.pipe.transformer) == cal.fingerprint
+    assert model_fingerprint(fp8.component("transformer")) == model_fingerprint(engine.component("transformer")) == cal.fingerprint
 
 
 def test_cli_calibrate_and_policy(tiny_model, tmp_path, capsys):
@@ -173,7 +173,7 @@ def test_calibration_travels_with_the_checkpoint(calibration, tmp_path, fmt, gra
 
     cal, engine = calibration
     src = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in original_from_diffusers(engine.pipe.transformer).items()}, str(src))
+    save_file({k: v.contiguous() for k, v in original_from_diffusers(engine.component("transformer")).items()}, str(src))
     out = quantize_file(src, tmp_path / f"{fmt}.safetensors", QuantizeOptions(format=fmt, granularity=granularity, calibration=cal))
     tensors = load_file(str(out))
     scales = cal.input_scales()

@@ -68,7 +68,7 @@ def test_fp8_transformer_output_close_to_bf16(tiny_model):
     ref = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(transformer="fp32"), RuntimeConfig(dtype="fp32"))
     fp8 = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(), RuntimeConfig(dtype="fp32"))
     torch.manual_seed(0)
-    t = ref.pipe.transformer.config
+    t = ref.component("transformer").config
     inputs = dict(
         hidden_states=torch.randn(2, t.in_channels, 16, 16),
         encoder_hidden_states=torch.randn(2, 20, t.joint_attention_dim),
@@ -76,8 +76,8 @@ def test_fp8_transformer_output_close_to_bf16(tiny_model):
         timestep=torch.tensor([500.0, 20.0]),
     )
     with torch.no_grad():
-        y_ref = ref.pipe.transformer(**inputs).sample
-        y_fp8 = fp8.pipe.transformer(**inputs).sample
+        y_ref = ref.component("transformer")(**inputs).sample
+        y_fp8 = fp8.component("transformer")(**inputs).sample
     assert 25 < sqnr(y_ref, y_fp8) < 80  # FP8 error is there, and it is small
 
 
@@ -107,7 +107,7 @@ def test_fp8_transformer_bytes_about_half_of_bf16(tiny_model):
 
 def test_t5_off_drops_the_encoder(tiny_model):
     engine = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(text_encoder_3="off"), RuntimeConfig(dtype="fp32"))
-    assert engine.pipe.text_encoder_3 is None
+    assert engine.component("text_encoder_3") is None
     assert inspect_pipeline(engine)["components"]["text_encoder_3"] is None
 
 
@@ -115,7 +115,7 @@ def test_t5_fp8_quantizes_t5_linears_but_not_wo(tiny_model):
     engine = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(text_encoder_3="fp8"), RuntimeConfig(dtype="fp32"))
     names = engine.fp8_layers["text_encoder_3"]
     assert names and not any(n.endswith(".wo") for n in names)
-    assert isinstance(engine.pipe.text_encoder_3.get_submodule(names[0]), FP8Linear)
+    assert isinstance(engine.component("text_encoder_3").get_submodule(names[0]), FP8Linear)
 
 
 def test_callback_reports_every_step(tiny_model):

@@ -168,11 +168,11 @@ def test_pipeline_takes_its_transformer_from_a_single_file(tiny_model, tmp_path)
     from sd3fp8.io.quantize import QuantizeOptions, quantize_file
 
     folder_engine = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(transformer="fp32"), RuntimeConfig(dtype="fp32"))
-    transformer = folder_engine.pipe.transformer
+    transformer = folder_engine.component("transformer")
     src = save(tmp_path, diffusers_state_to_original(transformer.state_dict(), transformer.config.num_layers), "mmdit.safetensors")
     comfy = quantize_file(src, tmp_path / "mmdit_fp8_scaled.safetensors", QuantizeOptions(format="comfy", granularity="tensor"))
     engine = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(), RuntimeConfig(dtype="fp32"), transformer_file=comfy)
-    assert engine.fp8_layers["transformer"] and isinstance(engine.pipe.transformer.transformer_blocks[0].attn.to_q, FP8Linear)
+    assert engine.fp8_layers["transformer"] and isinstance(engine.component("transformer").transformer_blocks[0].attn.to_q, FP8Linear)
     kwargs = dict(seed=3, steps=3, width=32, height=32)
     a = np.asarray(folder_engine("a red circle", **kwargs).images[0], dtype=np.float64)
     b = np.asarray(engine("a red circle", **kwargs).images[0], dtype=np.float64)

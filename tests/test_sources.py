@@ -98,11 +98,11 @@ def test_fp8_t5_files_stay_fp8_with_their_bytes(files, tmp_path):
     root = comfy_tree(tmp_path / "ComfyUI", files, t5=("t5xxl_fp16", "t5xxl_fp8_e4m3fn_scaled"))
     engine = SD3FP8Pipeline.from_pretrained(root / "models", Policy(text_encoder_3="fp8"), FP32)
     assert engine.sources.files["text_encoder_3"].path.name == "t5xxl_fp8_e4m3fn_scaled.safetensors"
-    q = engine.pipe.text_encoder_3.encoder.block[0].layer[0].SelfAttention.q
+    q = engine.component("text_encoder_3").encoder.block[0].layer[0].SelfAttention.q
     expected, scale = quantize_weight(files.t5["encoder.block.0.layer.0.SelfAttention.q.weight"], FP8Format.E4M3, Granularity.TENSOR)
     assert isinstance(q, FP8Linear) and torch.equal(q.weight.view(torch.uint8), expected.view(torch.uint8))
     assert torch.equal(q.weight_scale, scale)
-    wo = engine.pipe.text_encoder_3.encoder.block[0].layer[1].DenseReluDense.wo
+    wo = engine.component("text_encoder_3").encoder.block[0].layer[1].DenseReluDense.wo
     assert not isinstance(wo, FP8Linear) and wo.weight.dtype == torch.float32
 
 
@@ -110,7 +110,7 @@ def test_plain_fp8_t5_cast_is_kept_fp8_with_unit_scale(files, tmp_path):
     root = comfy_tree(tmp_path / "ComfyUI", files, t5=("t5xxl_fp8_e4m3fn",))
     engine = SD3FP8Pipeline.from_pretrained(root, runtime=FP32)  # t5 "auto": an FP8 file stays FP8
     assert engine.policy.text_encoder_3.is_fp8 and len(engine.fp8_layers["text_encoder_3"]) == 6
-    k = engine.pipe.text_encoder_3.encoder.block[0].layer[0].SelfAttention.k
+    k = engine.component("text_encoder_3").encoder.block[0].layer[0].SelfAttention.k
     assert float(k.weight_scale) == 1.0
     src = files.t5["encoder.block.0.layer.0.SelfAttention.k.weight"].to(torch.float8_e4m3fn)
     assert torch.equal(k.weight.view(torch.uint8), src.view(torch.uint8))
@@ -152,9 +152,9 @@ def test_file_options_do_not_apply_to_a_diffusers_folder(reference):
 def test_staged_offload_frees_components_and_matches(files, reference, tmp_path):
     root = comfy_tree(tmp_path / "ComfyUI", files)
     staged = SD3FP8Pipeline.from_pretrained(root, runtime=RuntimeConfig(device="cpu", dtype="fp32", offload="stages"))
-    assert staged.pipe.transformer is None and staged.pipe.text_encoder_3 is None and staged.pipe.vae is not None
+    assert staged.component("transformer") is None and staged.component("text_encoder_3") is None and staged.component("vae") is not None
     assert_same_image(pixels(staged), reference[1])
-    assert staged.pipe.transformer is None and staged.pipe.text_encoder is None
+    assert staged.component("transformer") is None and staged.component("text_encoder") is None
 
 
 def test_cli_generates_and_inspects_from_a_comfyui_tree(files, tmp_path, capsys):

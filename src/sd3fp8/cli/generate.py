@@ -21,14 +21,11 @@ def output_paths(out: Path | None, seeds: list[int]) -> list[Path]:
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from sd3fp8.engine.pipeline import validate_request
     from sd3fp8.engine.pnginfo import save_png
+    from sd3fp8.engine.request import check_request_numbers
 
     # Cheap checks first: a bad size should not cost a model load (None = the model's default).
-    def given(value, placeholder):
-        return placeholder if value is None else value
-
-    validate_request(given(args.steps, 1), given(args.cfg, 0.0), given(args.width, 16), given(args.height, 16), args.batch)
+    check_request_numbers(args.steps, args.cfg, args.width, args.height, args.batch, args.seed)
     paths = output_paths(args.out, [args.seed + i for i in range(args.batch)])
     engine = build_engine(args)
     bar = None

@@ -41,7 +41,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from sd3fp8.engine.pipeline import check_model_folder, validate_request
+    from sd3fp8.engine.pipeline import check_model_folder
+    from sd3fp8.engine.request import check_request_numbers
     from sd3fp8.evalkit.bench import DEFAULT_CONFIGS, SYNTHETIC, BenchSpec, bench, parse_configs, write_report
     from sd3fp8.evalkit.evaluation import default_prompts, read_prompts
     from sd3fp8.miniature.bundled import default_model_path
@@ -50,7 +51,7 @@ def cmd_bench(args) -> int:
     width, height = parse_size(args.size)
     if args.repeats < 1 or args.repeats > 100:
         raise ConfigError(f"--repeats must be in 1..100, got {args.repeats}")
-    validate_request(args.steps or 2, 1.0, width or 16, height or 16, 1)
+    check_request_numbers(args.steps, None, width, height, 1)
     if args.synthetic is not None and args.synthetic not in SYNTHETIC:
         raise ConfigError(f"--synthetic must be one of {', '.join(SYNTHETIC)}")
     if args.steps is not None and args.steps < 2 and not args.synthetic:

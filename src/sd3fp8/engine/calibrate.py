@@ -23,7 +23,7 @@ from sd3fp8.policy import Policy
 def calibrate(engine, prompts: list[str], seeds: list[int], steps: int | None = None, cfg: float | None = None,
               on_image: Callable[[], None] | None = None) -> Calibration:
     """Run ``engine`` (its transformer in high precision) over prompts x seeds and record statistics."""
-    transformer = engine.pipe.transformer
+    transformer = engine.component("transformer")
     if transformer is None:
         raise ConfigError("calibration needs the transformer resident: use --offload none")
     if any(isinstance(m, FP8Linear) for m in transformer.modules()):
@@ -62,7 +62,7 @@ def layer_sensitivity(engine, calibration: Calibration, policy: Policy, prompts:
     error = ||latents_layer_fp8 - latents_ref||^2 / ||latents_ref||^2, averaged over prompts x seeds.
     Deterministic: same noise, same prompts, no randomness in the measurement.
     """
-    transformer = engine.pipe.transformer
+    transformer = engine.component("transformer")
     calibration.check_model(transformer)
     steps = calibration.steps if steps is None else steps
     scales = calibration.input_scales()

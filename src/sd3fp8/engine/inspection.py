@@ -58,9 +58,9 @@ def inspect_pipeline(engine, layers: bool = False) -> dict:
         "components": {},
     }
     for component in COMPONENTS:
-        module = getattr(engine.pipe, component, None)
+        module = engine.component(component)
         if module is None:  # T5 off, or offload=stages (loaded only while it runs)
-            report["components"][component] = "staged" if engine.stage_loader and component in engine.sources.files else None
+            report["components"][component] = "staged" if engine.is_staged(component) else None
             continue
         summary = component_summary(module)
         summary["precision"] = engine.policy.precision(component).value

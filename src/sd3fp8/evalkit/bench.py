@@ -183,9 +183,9 @@ def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
         calibration=spec.calibration if route == "calibrated" else None,
     )
     if route not in (None, "calibrated"):
-        apply_route(route, engine.pipe.transformer, Policy().layer_filter("transformer"), engine.compute_dtype)
+        apply_route(route, engine.component("transformer"), Policy().layer_filter("transformer"), engine.compute_dtype)
     load_seconds = time.perf_counter() - start
-    timer = CallTimer(engine.pipe.transformer, engine.device)
+    timer = CallTimer(engine.component("transformer"), engine.device)
     step_ends: list[float] = []
 
     def generate(prompt, seed):
@@ -207,7 +207,7 @@ def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
             step_times += steps
             if repeat == 0:
                 result.images[0].save(image_dir / f"{i:03d}.png")
-    components = {c: _component_bytes(getattr(engine.pipe, c, None)) for c in
+    components = {c: _component_bytes(engine.component(c)) for c in
                   ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")}
     return {
         "load_seconds": load_seconds,

@@ -133,9 +133,9 @@ def run_config(model: Path | None, config: EvalConfig, prompts: list[str], seeds
             images.append(np.asarray(result.images[0]))
             on_image()
     seconds = (time.perf_counter() - start) / len(images)
-    components = [getattr(engine.pipe, c, None) for c in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")]
+    components = [engine.component(c) for c in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")]
     total = sum(component_summary(m)["bytes"] for m in components if m is not None)
-    run = RunResult(config, images, seconds, component_summary(engine.pipe.transformer)["bytes"], total, engine.transformer_backend())
+    run = RunResult(config, images, seconds, component_summary(engine.component("transformer"))["bytes"], total, engine.transformer_backend())
     del engine
     gc.collect()
     return run

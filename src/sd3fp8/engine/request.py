@@ -1,0 +1,111 @@
+"""What one generation asks for (GenerationRequest), validated in one place, and the model's
+defaults (Recipe) that fill what a request leaves open."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from sd3fp8.errors import ConfigError
+
+MAX_SIDE = 4096  # pixels; SD3.5 is trained up to ~1.5 MP, beyond this is a typo, not a request
+MAX_BATCH = 64
+MAX_STEPS = 1000
+MAX_CFG = 100.0
+MAX_SEED = 2**64 - 1  # ComfyUI's range: 0 .. 2^64-1
+RECIPE_FILE = "sd3fp8.json"  # optional per-model defaults (steps, cfg, size) beside model_index.json
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Generation defaults for a model (from its sd3fp8.json, else SD3.5's usual ones)."""
+
+    steps: int = 28
+    cfg: float = 4.5
+    width: int = 1024
+    height: int = 1024
+    max_sequence_length: int = 256  # T5 tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: prompts x ``batch`` images. ``None`` fields take the model's recipe.
+
+    Image i of a prompt's batch uses seed ``seed + i``, so any image can be regenerated alone.
+    """
+
+    prompt: str | tuple[str, ...]
+    negative_prompt: str | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    seed: int = 0
+    width: int | None = None
+    height: int | None = None
+    batch: int = 1
+
+    def __post_init__(self):
+        prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError("prompt must be a string or a non-empty list of strings")
+        object.__setattr__(self, "prompt", prompts[0] if len(prompts) == 1 and isinstance(self.prompt, str) else prompts)
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ConfigError(f"negative prompt must be a string, got {type(self.negative_prompt).__name__}")
+        check_request_numbers(self.steps, self.cfg, self.width, self.height, self.batch, self.seed)
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return (self.prompt,) if isinstance(self.prompt, str) else self.prompt
+
+    def image_prompts(self) -> list[str]:
+        """One prompt per image: each prompt repeated ``batch`` times."""
+        return [p for p in self.prompts for _ in range(self.batch)]
+
+    def seeds(self) -> list[int]:
+        return [self.seed + i for _ in self.prompts for i in range(self.batch)]
+
+    def resolved(self, recipe: Recipe) -> GenerationRequest:
+        """This request with every open field filled from ``recipe``."""
+        filled = {f: getattr(recipe, f) for f in ("steps", "cfg", "width", "height") if getattr(self, f) is None}
+        return dataclasses.replace(self, **filled) if filled else self
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_request_numbers(steps, cfg, width, height, batch, seed=0) -> None:
+    """Range checks for a request's numbers; ``None`` means "the model's default" and passes."""
+    if steps is not None and (not _is_int(steps) or not 1 <= steps <= MAX_STEPS):
+        raise ConfigError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+    if not _is_int(batch) or not 1 <= batch <= MAX_BATCH:
+        raise ConfigError(f"batch must be an integer in 1..{MAX_BATCH}, got {batch!r}")
+    if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg)
+                            or not 0 <= cfg <= MAX_CFG):
+        raise ConfigError(f"cfg must be a number in 0..{MAX_CFG:g}, got {cfg!r}")
+    for name, side in (("width", width), ("height", height)):
+        if side is not None and (not _is_int(side) or side < 16 or side % 16 or side > MAX_SIDE):
+            raise ConfigError(f"{name} must be a multiple of 16 in 16..{MAX_SIDE}, got {side!r}")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in 0..2^64-1, got {seed!r}")
+    if _is_int(seed) and _is_int(batch) and seed + batch - 1 > MAX_SEED:
+        raise ConfigError(f"seed {seed} + batch {batch} runs past 2^64-1")
+
+
+def read_recipe(path: Path, default_side: int) -> Recipe:
+    import json
+
+    data = {"width": default_side, "height": default_side}
+    recipe_file = path / RECIPE_FILE
+    if recipe_file.is_file():
+        data.update(json.loads(recipe_file.read_text()).get("defaults", {}))
+    return Recipe(**{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(Recipe)}})
+
+
+# Model-card recipes by architecture (Large and Large Turbo share shapes: Turbo users pass --steps 4 --cfg 0).
+VARIANT_RECIPES = {"SD3 Medium": {"steps": 28, "cfg": 7.0}, "SD3.5 Medium": {"steps": 40, "cfg": 4.5},
+                   "SD3.5 Large / Large Turbo": {"steps": 28, "cfg": 3.5}}
+
+
+def variant_recipe(variant: str, default_side: int) -> Recipe:
+    return Recipe(**VARIANT_RECIPES.get(variant, {}), width=default_side, height=default_side)
