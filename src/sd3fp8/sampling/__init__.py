@@ -1,9 +1,10 @@
-"""ComfyUI's sampling layer for SD3, reproduced (in progress): model sampling and schedules.
+"""ComfyUI's sampling layer for SD3, reproduced (in progress): model sampling, schedules, noise.
 
-Modules: `model_sampling` (sigma <-> timestep, latent format), `schedulers`.
+Modules: `model_sampling` (sigma <-> timestep, latent format), `schedulers`, `noise`.
 """
 
 from .model_sampling import SD3_LATENT, FlowSampling, LatentFormat, process_in, process_out
+from .noise import NoiseSource, check_seed, initial_noise
 from .schedulers import SCHEDULER_NAMES, SCHEDULERS, sigmas_for
 
 __all__ = [
@@ -12,6 +13,9 @@ __all__ = [
     "SD3_LATENT",
     "FlowSampling",
     "LatentFormat",
+    "NoiseSource",
+    "check_seed",
+    "initial_noise",
     "process_in",
     "process_out",
     "sigmas_for",
