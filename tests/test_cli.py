@@ -24,13 +24,14 @@ def test_generate_writes_pngs_that_carry_their_parameters(tiny_model, tmp_path, 
     paths = [tmp_path / "img-0.png", tmp_path / "img-1.png"]
     assert all(p.exists() for p in paths) and "wrote" in stdout
     params = [read_parameters(p) for p in paths]
-    assert [p["seed"] for p in params] == [11, 12]
+    assert [(p["seed"], p["batch_index"]) for p in params] == [(11, 0), (11, 1)]
+    assert (params[0]["sampler"], params[0]["scheduler"]) == ("euler", "normal")
     first = params[0]
     assert first["prompt"] == "a small red circle" and first["negative_prompt"] == "blurry"
     assert (first["steps"], first["width"], first["height"]) == (2, 32, 32)
     assert first["precision"] == "fp8-e4m3" and first["backend"] == "weight-only"
     assert first["model"] == str(tiny_model) and first["policy"]["transformer"] == "fp8-e4m3"
-    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img-0.png", "img-1.png"]  # no temporary files left behind
 
 
 def test_png_parameters_reproduce_the_image(tiny_model, tmp_path, capsys):
@@ -38,11 +39,18 @@ def test_png_parameters_reproduce_the_image(tiny_model, tmp_path, capsys):
     from PIL import Image
 
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    common = ["--model", tiny_model, "--steps", 2, "--width", 32, "--height", 32, "--dtype", "fp32", "-q"]
-    run(capsys, "generate", "a green star", "--seed", 5, "--out", a, *common)
-    p = read_parameters(a)
-    run(capsys, "generate", p["prompt"], "--seed", p["seed"], "--out", b, *common)
-    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    common = ["--model", tiny_model, "--dtype", "fp32", "-q"]
+    run(capsys, "generate", "a green star", "--seed", 5, "--batch", 2, "--steps", 3, "--width", 32, "--height", 48,
+        "--sampler", "DPM++ 2M", "--scheduler", "karras", "--shift", 2.5, "--out", a, *common)
+    second = tmp_path / "a-1.png"
+    p = read_parameters(second)
+    assert (p["sampler"], p["scheduler"], p["shift"], p["batch_index"]) == ("dpmpp_2m", "karras", 2.5, 1)
+    code, _, _ = run(capsys, "generate", "--from-png", second, "--out", b, *common)  # image 1 of the batch, alone
+    assert code == 0
+    difference = np.abs(np.asarray(Image.open(second), dtype=int) - np.asarray(Image.open(b), dtype=int))
+    assert difference.max() <= 1  # batched vs alone: the same noise draw, GEMM rounding apart
+    other = np.asarray(Image.open(tmp_path / "a-0.png"), dtype=int)
+    assert np.abs(other - np.asarray(Image.open(b), dtype=int)).max() > 10  # ... and not image 0
 
 
 @pytest.mark.parametrize(

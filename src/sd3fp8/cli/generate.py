@@ -7,26 +7,60 @@ from pathlib import Path
 from sd3fp8.cli.common import _add_model_options, build_engine
 from sd3fp8.errors import ConfigError
 
+# request fields a PNG's parameters restore with --from-png (flags given on the command line win)
+FROM_PNG_FIELDS = ("prompt", "negative_prompt", "steps", "cfg", "seed", "width", "height", "sampler", "scheduler", "shift",
+                   "denoise", "batch_index")
 
-def output_paths(out: Path | None, seeds: list[int]) -> list[Path]:
+
+def output_paths(out: Path | None, seed: int, batch_indices: list[int]) -> list[Path]:
     if out is None:
-        return [Path(f"sd3fp8-{s}.png") for s in seeds]
+        return [Path(f"sd3fp8-{seed}-{i}.png" if i else f"sd3fp8-{seed}.png") for i in batch_indices]
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {out}")
-    if len(seeds) == 1:
+    if len(batch_indices) == 1:
         return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(seeds))]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in batch_indices]
+
+
+def apply_png_parameters(args) -> None:
+    """--from-png: fill every request option the command line left unset from the PNG's metadata."""
+    from sd3fp8.engine.pnginfo import read_parameters
+
+    params = read_parameters(args.from_png)
+    for field in FROM_PNG_FIELDS:
+        attr = {"negative_prompt": "negative"}.get(field, field)
+        if getattr(args, attr, None) is None and params.get(field) is not None:
+            setattr(args, attr, params[field])
+    if args.init_image is None and params.get("init_image"):
+        args.init_image = Path(params["init_image"])
+    if args.model is None and params.get("model") and Path(params["model"]).exists():
+        args.model = Path(params["model"])
+
+
+def request_from_args(args):
+    from sd3fp8.engine.images import load_image
+    from sd3fp8.engine.request import GenerationRequest
+
+    options = {k: getattr(args, k) for k in ("steps", "cfg", "width", "height", "shift", "denoise", "sampler", "scheduler",
+                                             "batch_index") if getattr(args, k) is not None}
+    init = load_image(args.init_image) if args.init_image is not None else None
+    if init is None and options.get("denoise", 1.0) < 1:
+        raise ConfigError("--denoise below 1 needs --init-image (img2img)")
+    return GenerationRequest(args.prompt, args.negative, seed=args.seed if args.seed is not None else 0, batch=args.batch,
+                             init_image=init, **options)
 
 
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from sd3fp8.engine.pnginfo import save_png
-    from sd3fp8.engine.request import check_request_numbers
 
-    # Cheap checks first: a bad size should not cost a model load (None = the model's default).
-    check_request_numbers(args.steps, args.cfg, args.width, args.height, args.batch, args.seed)
-    paths = output_paths(args.out, [args.seed + i for i in range(args.batch)])
+    if args.from_png is not None:
+        apply_png_parameters(args)
+    if args.prompt is None:
+        raise ConfigError("give a prompt (or --from-png FILE)")
+    request = request_from_args(args)  # cheap checks first: a bad option should not cost a model load
+    paths = output_paths(args.out, request.seed, [request.batch_index + i for i in range(request.batch)])
     engine = build_engine(args)
     bar = None
 
@@ -35,23 +69,23 @@ def cmd_generate(args) -> int:
         bar = bar or tqdm(total=info["total"], desc="denoising", unit="step", disable=args.quiet)
         bar.update(1)
 
-    result = engine(
-        args.prompt, args.negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
-        width=args.width, height=args.height, batch=args.batch, callback=on_step,
-    )
+    result = engine.generate(request, on_step)
     if bar is not None:
         bar.close()
     for image, params, path in zip(result.images, result.parameters, paths):
+        if args.init_image is not None:
+            params["init_image"] = str(args.init_image.resolve())
         save_png(image, path, params)
-        print(f"wrote {path} (seed {params['seed']}, {params['precision']}, {params['backend']}, {result.seconds:.1f} s)")
+        print(f"wrote {path} (seed {params['seed']}, batch index {params['batch_index']}, {params['sampler']}/"
+              f"{params['scheduler']}, {params['precision']}, {params['backend']}, {result.seconds:.1f} s)")
     print_clipping(engine)
     return 0
 
 
 def print_clipping(engine) -> None:
-    if engine.clip_counter is None:
+    rows = engine.clipping_report()
+    if rows is None:
         return
-    rows = engine.clip_counter.report()
     if not rows:
         print(f"clipping: none ({sum(engine.clip_counter.calls.values())} calls inside their calibrated ranges)")
         return
@@ -61,16 +95,25 @@ def print_clipping(engine) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate images from a prompt")
-    p.add_argument("prompt")
+    p = sub.add_parser("generate", help="generate images from a prompt (or an init image: img2img)")
+    p.add_argument("prompt", nargs="?")
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's recipe)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's recipe)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's recipe; 1 skips the negative)")
+    p.add_argument("--seed", type=int, help="noise seed (default 0); image i of a batch is draw i of this seed, as in ComfyUI")
+    p.add_argument("--batch-index", type=int, help="first image's draw: --batch 1 --batch-index I regenerates image I of a batch")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
-    p.add_argument("--out", type=Path, help="output PNG (a batch gets -0, -1, ... suffixes)")
+    p.add_argument("--sampler", help="ComfyUI sampler name or A1111 alias (default euler): euler, euler_ancestral, heun, dpm_2, "
+                   "dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, dpmpp_sde, uni_pc, ddim, lcm, ... or 'DPM++ 2M', 'Euler a'")
+    p.add_argument("--scheduler", help="simple, normal (default), sgm_uniform, beta, karras, exponential, linear_quadratic, "
+                   "kl_optimal, ddim_uniform")
+    p.add_argument("--shift", type=float, help="flow shift of the sigma schedule (default: the model's scheduler config)")
+    p.add_argument("--init-image", type=Path, metavar="PATH", help="img2img: start from this image (scaled to cover the size, centre-cropped)")
+    p.add_argument("--denoise", type=float, help="how much of the schedule runs: 1 = all (txt2img), 0.6 = keep 40%% of the init image")
+    p.add_argument("--from-png", type=Path, metavar="FILE", help="regenerate from a PNG's stored parameters (flags given here override)")
+    p.add_argument("--out", type=Path, help="output PNG (a batch gets -I suffixes, I the batch index)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_options(p)
     p.set_defaults(func=cmd_generate)

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sd3fp8.engine.denoise import SAMPLERS, Conditioning, diffusers_sigmas, flow_denoiser
+from sd3fp8.engine.denoise import Conditioning, scheduler_shift, transformer_predictor
 from sd3fp8.engine.request import RECIPE_FILE, GenerationRequest, Recipe
 from sd3fp8.errors import ModelLoadError
 from sd3fp8.fp8.linear import resolve_backend
 from sd3fp8.fp8.swap import fp8_layers as fp8_layers_of
 from sd3fp8.policy import COMPONENTS, Policy, Precision
 from sd3fp8.runtime import RuntimeConfig
+from sd3fp8.sampling import Cond, FlowSampling, LatentFormat, cfg_denoiser, initial_noise, sample, sigmas_for
 
 __all__ = ["RECIPE_FILE", "GenerationRequest", "GenerationResult", "Recipe", "RuntimeConfig", "SD3FP8Pipeline",
            "check_model_folder"]
@@ -136,19 +137,14 @@ class SD3FP8Pipeline:
         prompt: str | list[str],
         negative_prompt: str | None = None,
         *,
-        steps: int | None = None,
-        cfg: float | None = None,
-        seed: int = 0,
-        width: int | None = None,
-        height: int | None = None,
-        batch: int = 1,
         callback: Callable[[dict], None] | None = None,
+        **options,
     ) -> GenerationResult:
-        """Generate ``batch`` images per prompt. Image i of a batch uses seed ``seed + i``, so any
-        image can be regenerated alone. ``callback`` receives {"step", "total", "timestep"} after
-        every denoising step."""
-        request = GenerationRequest(prompt if isinstance(prompt, str) else tuple(prompt), negative_prompt, steps, cfg,
-                                    seed, width, height, batch)
+        """Generate ``batch`` images per prompt; ``options`` are GenerationRequest's fields (steps,
+        cfg, seed, width, height, batch, sampler, scheduler, shift, denoise, init_image,
+        batch_index). ``callback`` receives {"step", "total", "timestep", "sigma", "denoised"} after
+        every sampler step; raising from it stops the generation."""
+        request = GenerationRequest(prompt if isinstance(prompt, str) else tuple(prompt), negative_prompt, **options)
         return self.generate(request, callback)
 
     def latents(self, prompt: str, *, seed: int = 0, steps: int | None = None, cfg: float | None = None) -> torch.Tensor:
@@ -158,53 +154,82 @@ class SD3FP8Pipeline:
     def generate(self, request: GenerationRequest, callback: Callable[[dict], None] | None = None,
                  output: str = "pil") -> GenerationResult:
         """encode -> denoise -> decode for ``request`` (open fields filled from the model's recipe)."""
-        request = request.resolved(self.recipe)
+        request = self.resolve(request)
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
-            conditioning = self.encode(request.image_prompts(), request.negative_prompt, request.cfg > 1)
-            noise = self.initial_noise(request.seeds(), request.width, request.height)
-            latents = self.denoise(request, conditioning, noise, callback)
+            conditioning = self.encode(request.image_prompts(), request.negative_prompt)
+            latent = None if request.init_image is None else self.encode_image(request.init_image, request.width, request.height)
+            noise = self.initial_noise(request)
+            latents = self.denoise(request, conditioning, noise, latent, callback)
             images = list(latents) if output == "latent" else self.decode(latents)
             seconds = time.perf_counter() - start
-        params = [self.parameters(p, request.negative_prompt, s, request.steps, request.cfg, request.width, request.height)
-                  for p, s in zip(request.image_prompts(), request.seeds())]
+        params = [self.parameters(request, p, i) for p, i in zip(request.image_prompts(), request.batch_indices())]
         return GenerationResult(images, params, seconds)
 
-    def encode(self, prompts: list[str], negative_prompt: str | None, guidance: bool) -> Conditioning:
-        """Text conditioning for one image per prompt (diffusers' encoding: CLIP-L/G truncated at 77
-        tokens, T5 padded/truncated to the recipe's max_sequence_length)."""
-        negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """Open fields filled from the recipe; an init image sets the size the recipe would."""
+        if request.init_image is not None and request.width is None and request.height is None:
+            from sd3fp8.engine.images import size_for
+
+            request = dataclasses.replace(request, **dict(zip(("width", "height"), size_for(request.init_image))))
+        return request.resolved(self.recipe)
+
+    def encode(self, prompts: list[str], negative_prompt: str | None) -> Conditioning:
+        """Conditioning for one image per prompt (diffusers' encoding: CLIP-L/G truncated at 77
+        tokens, T5 padded/truncated to the recipe's max_sequence_length); the negative is "" unless given."""
+        negatives = [negative_prompt or ""] * len(prompts)
         with self.stage(*TEXT_ENCODERS) as modules:
             encoder = self._pipe if not modules else self._staged_text_pipeline(modules)
-            embeds = encoder.encode_prompt(
+            context, negative_context, pooled, negative_pooled = encoder.encode_prompt(
                 prompt=prompts, prompt_2=None, prompt_3=None, negative_prompt=negatives,
-                do_classifier_free_guidance=guidance, device=self.device,
+                do_classifier_free_guidance=True, device=self.device,
                 max_sequence_length=self.recipe.max_sequence_length,
             )
-        context, negative_context, pooled, negative_pooled = embeds
-        return Conditioning(context, pooled, negative_context if guidance else None, negative_pooled if guidance else None)
+        return Conditioning((Cond(context, pooled),), (Cond(negative_context, negative_pooled),))
+
+    def encode_image(self, image, width: int, height: int) -> torch.Tensor:
+        """VAE latent (mean of the posterior, float32) of a PIL image resized to width x height."""
+        from sd3fp8.engine.images import to_pixels
+
+        vae = self.component("vae")
+        pixels = to_pixels(image, width, height).to(self.device, vae.dtype)  # [1, 3, H, W] in [-1, 1]
+        return vae.encode(pixels).latent_dist.mode().float()
 
     def denoise(self, request: GenerationRequest, conditioning: Conditioning, noise: torch.Tensor,
-                callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-        """Float32 latents after ``request.steps`` sampler steps from ``noise`` (txt2img)."""
+                latent: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+        """VAE-space float32 latents after sampling from ``noise`` (and, for img2img, the VAE latent
+        ``latent`` of the init image) along the request's schedule, as ComfyUI's KSampler does."""
         request = request.resolved(self.recipe)
-        sigmas = diffusers_sigmas(self._pipe.scheduler, request.steps).to(self.device)
-        x = noise.to(self.device, torch.float32) * sigmas[0]
+        sampling = self.flow_sampling(request.shift)
+        sigmas = sigmas_for(sampling, request.scheduler, request.steps, request.denoise, request.sampler)
+        noise = noise.to(self.device, torch.float32)
+        latent = torch.zeros_like(noise) if latent is None else latent.to(self.device, torch.float32).expand_as(noise)
 
         def on_step(info):
             if callback is not None:
-                callback({"step": info["i"] + 1, "total": request.steps, "timestep": float(info["sigma"]) * 1000})
+                callback({"step": info["i"] + 1, "total": len(sigmas) - 1, "sigma": float(info["sigma"].flatten()[0]),
+                          "timestep": float(sampling.timestep(info["sigma"].flatten()[0])), "denoised": info["denoised"]})
 
         with self.stage("transformer") as modules:
             transformer = modules["transformer"] if "transformer" in modules else self._pipe.transformer
-            model = flow_denoiser(transformer, conditioning, request.cfg, self.compute_dtype)
-            return SAMPLERS["euler"](model, x, sigmas, callback=on_step)
+            model = cfg_denoiser(transformer_predictor(transformer, self.compute_dtype), sampling,
+                                 conditioning.positive, conditioning.negative, request.cfg)
+            return sample(model, sampling, noise=noise, latent=latent, sigmas=sigmas.to(self.device), sampler=request.sampler,
+                          seed=request.seed, callback=on_step, disable=True, latent_format=self.latent_format)
+
+    def flow_sampling(self, shift: float | None = None) -> FlowSampling:
+        """The model's sigma table (its scheduler's shift unless ``shift`` overrides it)."""
+        return FlowSampling(shift=scheduler_shift(self._pipe.scheduler) if shift is None else shift)
+
+    @property
+    def latent_format(self) -> LatentFormat:
+        config = self._pipe.vae.config
+        return LatentFormat(scale_factor=config.scaling_factor, shift_factor=config.shift_factor or 0.0)
 
     def decode(self, latents: torch.Tensor) -> list:
-        """PIL images from float32 latents [B, C, h, w]."""
+        """PIL images from float32 VAE-space latents [B, C, h, w]."""
         vae = self._pipe.vae
-        z = latents / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return self._pipe.image_processor.postprocess(image, output_type="pil")
 
     # ---- staged components -----------------------------------------------------------------
@@ -238,23 +263,26 @@ class SD3FP8Pipeline:
 
     # ---- noise and reporting ---------------------------------------------------------------
 
-    def initial_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:
-        """Gaussian latents drawn on the CPU in float32 from each seed: identical across devices and precisions."""
+    def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
+        """ComfyUI's noise, float32 on the CPU: per prompt one generator seeded with the seed, image i
+        its (batch_index + i)-th draw. Identical across devices and precisions."""
         f = self.vae_scale_factor
-        noise = [
-            torch.randn((1, self.latent_channels, height // f, width // f), generator=torch.Generator("cpu").manual_seed(s))
-            for s in seeds
-        ]
-        return torch.cat(noise)
+        shape = (request.batch, self.latent_channels, request.height // f, request.width // f)
+        indices = list(range(request.batch_index, request.batch_index + request.batch))
+        per_prompt = initial_noise(shape, request.seed, None if request.batch_index == 0 else indices)
+        return torch.cat([per_prompt] * len(request.prompts))
 
-    def parameters(self, prompt, negative, seed, steps, cfg, width, height) -> dict:
+    def parameters(self, request: GenerationRequest, prompt: str, batch_index: int) -> dict:
+        """Everything needed to regenerate one image (batch=1 with this batch_index)."""
         return {
-            "prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "cfg": cfg,
-            "width": width, "height": height, "precision": self.policy.transformer.value,
-            "t5": self.policy.text_encoder_3.value, "granularity": self.policy.granularity.value,
-            "backend": self.transformer_backend(), "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
-            "device": str(self.device), "model": str(self.model_path),
-            "policy": self.policy.to_dict(),
+            "prompt": prompt, "negative_prompt": request.negative_prompt, "seed": request.seed, "batch_index": batch_index,
+            "steps": request.steps, "cfg": request.cfg, "sampler": request.sampler, "scheduler": request.scheduler,
+            "shift": request.shift if request.shift is not None else scheduler_shift(self._pipe.scheduler),
+            "denoise": request.denoise, "width": request.width, "height": request.height,
+            "precision": self.policy.transformer.value, "t5": self.policy.text_encoder_3.value,
+            "granularity": self.policy.granularity.value, "backend": self.transformer_backend(),
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "device": str(self.device),
+            "model": str(self.model_path), "policy": self.policy.to_dict(),
         }
 
     def transformer_backend(self) -> str:

@@ -19,10 +19,15 @@ def a1111_text(params: dict) -> str:
     if params.get("negative_prompt"):
         text += f"\nNegative prompt: {params['negative_prompt']}"
     text += (
-        f"\nSteps: {params['steps']}, CFG scale: {params['cfg']}, Seed: {params['seed']}, "
+        f"\nSteps: {params['steps']}, Sampler: {params.get('sampler', 'euler')}, Schedule type: {params.get('scheduler', 'normal')}, "
+        f"CFG scale: {params['cfg']}, Seed: {params['seed']}, "
         f"Size: {params['width']}x{params['height']}, Model: {Path(str(params['model'])).name}, "
         f"Precision: {params['precision']}, Backend: {params['backend']}"
     )
+    if params.get("batch_index"):
+        text += f", Batch index: {params['batch_index']}"
+    if params.get("denoise", 1.0) < 1:
+        text += f", Denoising strength: {params['denoise']}"
     return text
 
 

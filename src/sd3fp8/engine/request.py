@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 from sd3fp8.errors import ConfigError
 
@@ -32,7 +33,10 @@ class Recipe:
 class GenerationRequest:
     """One generation: prompts x ``batch`` images. ``None`` fields take the model's recipe.
 
-    Image i of a prompt's batch uses seed ``seed + i``, so any image can be regenerated alone.
+    Noise follows ComfyUI: one generator seeded with ``seed`` per prompt, image i of the batch is
+    its (batch_index + i)-th draw; so image i is regenerated alone with batch=1, batch_index=i.
+    ``sampler``/``scheduler`` take ComfyUI's names or A1111's ("Euler a", "DPM++ 2M", "Karras");
+    ``shift`` None = the model's; ``init_image`` (a PIL image) with ``denoise`` < 1 is img2img.
     """
 
     prompt: str | tuple[str, ...]
@@ -43,8 +47,21 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     batch: int = 1
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    shift: float | None = None
+    denoise: float = 1.0
+    init_image: Any = None
+    batch_index: int = 0
 
     def __post_init__(self):
+        from sd3fp8.sampling.aliases import parse_sampler, parse_scheduler
+
+        object.__setattr__(self, "sampler", parse_sampler(self.sampler))
+        object.__setattr__(self, "scheduler", parse_scheduler(self.scheduler))
+        check_sampling_numbers(self.shift, self.denoise, self.batch_index, self.batch)
+        if self.init_image is not None and not hasattr(self.init_image, "convert"):
+            raise ConfigError(f"init image must be a PIL image, got {type(self.init_image).__name__}")
         prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ConfigError("prompt must be a string or a non-empty list of strings")
@@ -61,8 +78,9 @@ class GenerationRequest:
         """One prompt per image: each prompt repeated ``batch`` times."""
         return [p for p in self.prompts for _ in range(self.batch)]
 
-    def seeds(self) -> list[int]:
-        return [self.seed + i for _ in self.prompts for i in range(self.batch)]
+    def batch_indices(self) -> list[int]:
+        """Each image's draw from its prompt's noise generator."""
+        return [self.batch_index + i for _ in self.prompts for i in range(self.batch)]
 
     def resolved(self, recipe: Recipe) -> GenerationRequest:
         """This request with every open field filled from ``recipe``."""
@@ -88,8 +106,16 @@ def check_request_numbers(steps, cfg, width, height, batch, seed=0) -> None:
             raise ConfigError(f"{name} must be a multiple of 16 in 16..{MAX_SIDE}, got {side!r}")
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be an integer in 0..2^64-1, got {seed!r}")
-    if _is_int(seed) and _is_int(batch) and seed + batch - 1 > MAX_SEED:
-        raise ConfigError(f"seed {seed} + batch {batch} runs past 2^64-1")
+
+
+def check_sampling_numbers(shift, denoise, batch_index, batch) -> None:
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift)
+                              or not 0 < shift <= 100):
+        raise ConfigError(f"shift must be a number in (0, 100], got {shift!r}")
+    if isinstance(denoise, bool) or not isinstance(denoise, (int, float)) or not 0 <= denoise <= 1:
+        raise ConfigError(f"denoise must be a number in 0..1, got {denoise!r}")
+    if not _is_int(batch_index) or not 0 <= batch_index < 4096:
+        raise ConfigError(f"batch index must be an integer in 0..4095, got {batch_index!r}")
 
 
 def read_recipe(path: Path, default_side: int) -> Recipe:
@@ -102,7 +128,8 @@ def read_recipe(path: Path, default_side: int) -> Recipe:
     return Recipe(**{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(Recipe)}})
 
 
-# Model-card recipes by architecture (Large and Large Turbo share shapes: Turbo users pass --steps 4 --cfg 0).
+# Model-card recipes by architecture (Large and Large Turbo share shapes: Turbo users pass --steps 4 --cfg 1,
+# which skips the negative prompt as ComfyUI does).
 VARIANT_RECIPES = {"SD3 Medium": {"steps": 28, "cfg": 7.0}, "SD3.5 Medium": {"steps": 40, "cfg": 4.5},
                    "SD3.5 Large / Large Turbo": {"steps": 28, "cfg": 3.5}}
 

@@ -5,13 +5,13 @@ over `ode`, `ancestral`, `sde`, `unipc`), `noise`, `guidance` (CFG over conditio
 `sample` (one KSampler run), `aliases` (A1111 names).
 """
 
-from .aliases import parse_sampler, parse_sampler_scheduler, parse_scheduler
-from .guidance import Cond, cfg_denoiser, combine, set_timestep_range, zero_out
-from .model_sampling import SD3_LATENT, FlowSampling, LatentFormat, process_in, process_out
-from .noise import NoiseSource, check_seed, initial_noise
-from .sample import fix_empty_latent_channels, sample
-from .samplers import SAMPLER_NAMES, SAMPLERS, sampler_fn
-from .schedulers import SCHEDULER_NAMES, SCHEDULERS, sigmas_for
+from sd3fp8.sampling.aliases import parse_sampler, parse_sampler_scheduler, parse_scheduler
+from sd3fp8.sampling.guidance import Cond, cfg_denoiser, combine, set_timestep_range, zero_out
+from sd3fp8.sampling.model_sampling import SD3_LATENT, FlowSampling, LatentFormat, process_in, process_out
+from sd3fp8.sampling.noise import NoiseSource, check_seed, initial_noise
+from sd3fp8.sampling.sample import fix_empty_latent_channels, sample
+from sd3fp8.sampling.samplers import SAMPLER_NAMES, SAMPLERS, sampler_fn
+from sd3fp8.sampling.schedulers import SCHEDULER_NAMES, SCHEDULERS, sigmas_for
 
 __all__ = [
     "SAMPLERS",

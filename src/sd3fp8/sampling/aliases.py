@@ -7,9 +7,9 @@ sd_schedulers (e.g. "Euler a", "DPM++ 2M SDE", scheduler "Karras"); the pre-1.9 
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .samplers import COMFYUI_SAMPLER_NAMES, SAMPLER_NAMES
-from .schedulers import SCHEDULER_NAMES
+from sd3fp8.errors import ConfigError
+from sd3fp8.sampling.samplers import COMFYUI_SAMPLER_NAMES, SAMPLER_NAMES
+from sd3fp8.sampling.schedulers import SCHEDULER_NAMES
 
 SAMPLER_ALIASES = {
     "euler": "euler",

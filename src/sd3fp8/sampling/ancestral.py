@@ -7,9 +7,9 @@ Same signature as the ODE samplers (see `ode`).
 
 from __future__ import annotations
 
-from .model_sampling import FlowSampling
-from .noise import NoiseSource
-from .ode import Denoiser, report, steps, to_d
+from sd3fp8.sampling.model_sampling import FlowSampling
+from sd3fp8.sampling.noise import NoiseSource
+from sd3fp8.sampling.ode import Denoiser, report, steps, to_d
 
 ETA = 1.0  # ComfyUI's KSampler default; 0 would make these deterministic
 

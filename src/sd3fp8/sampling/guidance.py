@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..errors import ConfigError
-from .model_sampling import FlowSampling
+from sd3fp8.errors import ConfigError
+from sd3fp8.sampling.model_sampling import FlowSampling
 
 # (x [N, C, H, W], timestep [N] = 1000 * sigma, context [N, T, 4096], pooled [N, 2048]) -> velocity v
 Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError
+from sd3fp8.errors import ConfigError
 
 
 def time_snr_shift(shift: float, t):

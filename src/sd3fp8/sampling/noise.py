@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from sd3fp8.errors import ConfigError
 
 SEED_MAX = 2**64 - 1  # ComfyUI's seed widget range; torch.Generator.manual_seed takes uint64 as is
 

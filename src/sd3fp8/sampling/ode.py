@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import trange
 
-from .model_sampling import FlowSampling
-from .noise import NoiseSource
+from sd3fp8.sampling.model_sampling import FlowSampling
+from sd3fp8.sampling.noise import NoiseSource
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None] | None

@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import ConfigError
-from .model_sampling import FlowSampling, process_in, process_out
-from .noise import NoiseSource
-from .samplers import sampler_fn
-from .unipc import LAST_SIGMA
+from sd3fp8.errors import ConfigError
+from sd3fp8.sampling.model_sampling import SD3_LATENT, FlowSampling, LatentFormat
+from sd3fp8.sampling.noise import NoiseSource
+from sd3fp8.sampling.samplers import sampler_fn
+from sd3fp8.sampling.unipc import LAST_SIGMA
 
 # ComfyUI's uni_pc writes 0.001 over the caller's last sigma 0 (it edits a view, not a copy), so
 # KSampler's inverse noise scaling divides by 1 - 0.001. Kept: for flow models it maps the state at
@@ -40,11 +40,13 @@ def sample(
     seed: int,
     callback: Callable[[dict], None] | None = None,
     disable: bool | None = None,
+    latent_format: LatentFormat = SD3_LATENT,
 ) -> torch.Tensor:
     """Sample from `noise` [B, 16, h, w] (see `noise.initial_noise`) and the VAE latent `latent`
     (zeros for txt2img) along `sigmas` (see `schedulers.sigmas_for`) with the ComfyUI sampler named
     `sampler`; `model(x, sigma[B]) -> D` is the guided denoiser (see `guidance.cfg_denoiser`).
-    `seed` seeds the samplers' own noise as ComfyUI does. Returns the VAE latent, float32."""
+    `seed` seeds the samplers' own noise as ComfyUI does; `latent_format` is the VAE's scale and
+    shift (SD3's by default). Returns the VAE latent, float32."""
     fn = sampler_fn(sampler)
     if noise.shape != latent.shape:
         raise ConfigError(f"noise {list(noise.shape)} and latent {list(latent.shape)} must have the same shape")
@@ -55,10 +57,10 @@ def sample(
     latent = latent.to(device=noise.device, dtype=torch.float32)
     sigmas = sigmas.to(device=noise.device, dtype=torch.float32)
     if torch.count_nonzero(latent) > 0:  # an empty latent is not shifted (ComfyUI's rule)
-        latent = process_in(latent)
+        latent = latent_format.process_in(latent)
     x = sampling.noise_scaling(sigmas[0], noise, latent)
     x = fn(model, x, sigmas, sampling=sampling, noise=source, callback=callback, disable=disable)
     last = sigmas[-1]
     if sampler in _LAST_SIGMA_OVERRIDES and last == 0:
         last = torch.tensor(_LAST_SIGMA_OVERRIDES[sampler], dtype=torch.float32, device=sigmas.device)
-    return process_out(sampling.inverse_noise_scaling(last, x).to(torch.float32))
+    return latent_format.process_out(sampling.inverse_noise_scaling(last, x).to(torch.float32))

@@ -5,8 +5,8 @@ All share `fn(model, x, sigmas, *, sampling, noise, callback=None, disable=None)
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from . import ancestral, ode, sde, unipc
+from sd3fp8.errors import ConfigError
+from sd3fp8.sampling import ancestral, ode, sde, unipc
 
 # comfy/samplers.py KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"] (v0.8.0, 44 names): the order
 # ComfyUI's /object_info lists them in.

@@ -12,8 +12,8 @@ import numpy as np
 import scipy.stats
 import torch
 
-from ..errors import ConfigError
-from .model_sampling import FlowSampling
+from sd3fp8.errors import ConfigError
+from sd3fp8.sampling.model_sampling import FlowSampling
 
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:

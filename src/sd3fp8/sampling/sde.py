@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .model_sampling import FlowSampling
-from .noise import NoiseSource
-from .ode import Denoiser, report, steps
+from sd3fp8.sampling.model_sampling import FlowSampling
+from sd3fp8.sampling.noise import NoiseSource
+from sd3fp8.sampling.ode import Denoiser, report, steps
 
 ETA = 1.0
 S_NOISE = 1.0

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import trange
 
-from .model_sampling import FlowSampling
-from .noise import NoiseSource
-from .ode import Denoiser, report
+from sd3fp8.sampling.model_sampling import FlowSampling
+from sd3fp8.sampling.noise import NoiseSource
+from sd3fp8.sampling.ode import Denoiser, report
 
 LAST_SIGMA = 0.001  # stands in for sigma = 0, where lambda is infinite
 
