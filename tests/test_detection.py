@@ -48,7 +48,8 @@ def test_fp8_flavours(tmp_path, original_mmdit):
               "model.diffusion_model.context_embedder.scale_weight": torch.tensor(1.0)}
     assert detect(read_header(save(tmp_path, "scaled.safetensors", scaled))).fp8 == "comfy-scaled"
     meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {"context_embedder": {"format": "float8_e4m3fn"}}})}
-    assert detect(read_header(save(tmp_path, "cq.safetensors", plain, meta))).fp8 == "comfy-quant"
+    with_scale = {**plain, "model.diffusion_model.context_embedder.weight_scale": torch.tensor(1.0)}
+    assert detect(read_header(save(tmp_path, "cq.safetensors", with_scale, meta))).fp8 == "comfy-quant"
     meta_bad = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {"context_embedder": {"format": "nvfp4"}}})}
     with pytest.raises(ModelLoadError, match="nvfp4"):
         detect(read_header(save(tmp_path, "nvfp4.safetensors", plain, meta_bad)))

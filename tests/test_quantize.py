@@ -37,7 +37,7 @@ def test_sd3fp8_format_loads_identical_to_in_memory_quantization(bf16_file, tmp_
     dst = quantize_file(src, tmp_path / "fp8.safetensors")
     header = read_header(dst)
     meta = header.metadata
-    assert meta["sd3fp8_format_version"] == "1" and meta["granularity"] == "channel" and meta["fp8"] == "e4m3"
+    assert meta["sd3fp8_format_version"] == "2" and meta["granularity"] == "channel" and meta["fp8"] == "e4m3"
     assert len(meta["source_sha256"]) == 64 and json.loads(meta["policy"])["transformer"] == "fp8-e4m3"
     assert header.tensors[P + "joint_blocks.0.x_block.attn.qkv.weight"].dtype == torch.float8_e4m3fn
     assert header.tensors[P + "context_embedder.weight"].dtype == torch.bfloat16  # excluded by the policy

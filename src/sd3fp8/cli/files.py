@@ -10,20 +10,29 @@ from sd3fp8.errors import ConfigError
 
 
 def inspect_file(path: Path, as_json: bool) -> int:
-    """A single checkpoint file: what it is, from its header alone (nothing is loaded)."""
-    from sd3fp8.io.checkpoint import read_header
+    """A single checkpoint file: what it is, from its header and per-layer entries (no weight is loaded)."""
+    from collections import Counter
+
+    from sd3fp8.io.checkpoint import LazyTensors
+    from sd3fp8.io.comfyquant import quant_layers
     from sd3fp8.io.detection import detect
 
-    header = read_header(path)
-    detection = detect(header)
+    with LazyTensors(path) as files:
+        header = files.header
+        detection = detect(header)
+        quant = quant_layers(files)  # every declared layer checked against its stored tensors
     size = sum(t.nbytes for t in header.tensors.values())
+    per_layer = dict(Counter(q.format + (" (full precision matmul)" if q.full_precision else "") for q in quant.values()))
     if as_json:
         print(json.dumps({"path": str(path), "kind": detection.kind, "variant": detection.variant, "fp8": detection.fp8,
                           "components": list(detection.components), "mmdit_config": detection.mmdit_config,
-                          "dtypes": detection.dtypes, "tensors": len(header.tensors), "bytes": size}, indent=2))
+                          "dtypes": detection.dtypes, "per_layer_formats": per_layer, "tensors": len(header.tensors),
+                          "bytes": size}, indent=2))
     else:
         print(f"{path}\n  {detection.describe()}\n  {len(header.tensors)} tensors, {size / 2**20:.1f} MiB; "
               f"dtypes: {', '.join(f'{d} x{n}' for d, n in detection.dtypes.items())}")
+        if per_layer:
+            print(f"  per-layer formats: {', '.join(f'{f} x{n}' for f, n in per_layer.items())}")
         if detection.mmdit_config:
             c = detection.mmdit_config
             print(f"  MMDiT: depth {c['num_layers']}, width {c['num_attention_heads'] * c['attention_head_dim']}, "
@@ -51,7 +60,7 @@ def cmd_quantize(args) -> int:
     from sd3fp8.policy import Policy
 
     options = QuantizeOptions(
-        format=args.format, granularity=args.granularity or ("tensor" if args.format == "comfy" else "channel"),
+        format=args.format, granularity=args.granularity or ("tensor" if args.format.startswith("comfy") else "channel"),
         fp8=args.fp8, t5=args.t5, policy=Policy.load(args.policy) if args.policy else Policy(), force=args.force,
         calibration=Calibration.load(args.calibration) if args.calibration else None,
     )
@@ -83,12 +92,14 @@ def register(sub) -> None:
     p = sub.add_parser("quantize", help="convert a 16/32-bit checkpoint to FP8, streaming")
     p.add_argument("src", type=Path, help="source .safetensors (original single-file layout or standalone T5)")
     p.add_argument("--out", type=Path, required=True, help="destination .safetensors (written atomically)")
-    p.add_argument("--format", default="sd3fp8", help="sd3fp8 (FP8 + per-channel or per-tensor weight_scale) or comfy (ComfyUI scaled fp8)")
-    p.add_argument("--granularity", help="tensor or channel (default: channel; comfy: tensor)")
+    p.add_argument("--format", default="sd3fp8", help="sd3fp8 (per-layer entries, per-channel or per-tensor weight_scale; "
+                   "ComfyUI reads it per tensor, refuses it per channel), comfy-quant (ComfyUI's per-layer format) "
+                   "or comfy (ComfyUI scaled fp8, e4m3 only)")
+    p.add_argument("--granularity", help="tensor or channel (default: channel; comfy, comfy-quant: tensor)")
     p.add_argument("--fp8", default="e4m3", help="e4m3 or e5m2")
     p.add_argument("--t5", default="keep", help="fp8 or keep: quantize a T5-XXL encoder found in the file")
     p.add_argument("--policy", type=Path, help="precision policy file: which MMDiT layers go FP8")
-    p.add_argument("--calibration", type=Path, help="store its static input scales (sd3fp8: input_scale, comfy: scale_input)")
+    p.add_argument("--calibration", type=Path, help="store its static input scales (input_scale; comfy: scale_input)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_quantize)

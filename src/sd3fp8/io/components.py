@@ -18,7 +18,8 @@ import torch
 from sd3fp8.errors import ModelLoadError
 from sd3fp8.fp8.numerics import all_finite
 from sd3fp8.io.checkpoint import LazyTensors
-from sd3fp8.io.singlefile import FP8Recipe, check_comfy_quant, gather_tensors, materialize, same_name
+from sd3fp8.io.comfyquant import quant_layers
+from sd3fp8.io.singlefile import FP8Recipe, gather_tensors, materialize, same_name
 
 HEAD_DIM = 64  # CLIP-L (768 = 12 x 64), CLIP-G (1280 = 20 x 64)
 VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR = 1.5305, 0.0609  # SD3's latent normalisation (not in the weights)
@@ -130,11 +131,11 @@ def load_clip(source: FileSource, kind: str, eos_token_id: int, dtype: torch.dty
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     with LazyTensors(source.path) as files:
-        check_comfy_quant(files)
+        quant = quant_layers(files)
         shapes = _shapes(files, source.prefix)
         config = CLIPTextConfig(**clip_config(shapes, kind, eos_token_id, source))
         model = _empty(CLIPTextModelWithProjection, config)
-        modules, others, weights_only = gather_tensors(files, source.prefix, _clip_key)
+        modules, others, weights_only = gather_tensors(files, source.prefix, _clip_key, quant)
         if "text_projection" not in modules:
             modules["text_projection"] = type(next(iter(modules.values())))(weight=torch.eye(config.hidden_size))
         names = materialize(model, modules, others, dtype, recipe, source.path, weights_only)
@@ -149,10 +150,10 @@ def load_t5(source: FileSource, dtype: torch.dtype, recipe: FP8Recipe | None):
     from transformers import T5Config, T5EncoderModel
 
     with LazyTensors(source.path) as files:
-        check_comfy_quant(files)
+        quant = quant_layers(files)
         config = T5Config(**t5_config(_shapes(files, source.prefix), source))
         model = _empty(T5EncoderModel, config)
-        modules, others, weights_only = gather_tensors(files, source.prefix, same_name)
+        modules, others, weights_only = gather_tensors(files, source.prefix, same_name, quant)
         fp32 = ("wo",) if dtype in (torch.float16, torch.bfloat16) else ()
         names = materialize(model, modules, others, dtype, recipe, source.path, weights_only, fp32_modules=fp32)
     return model.eval(), names

@@ -10,13 +10,13 @@ ComfyUI's per-layer ``comfy_quant`` format. Other architectures are named and re
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 
 import torch
 
 from sd3fp8.errors import ModelLoadError
 from sd3fp8.io.checkpoint import Header
+from sd3fp8.io.comfyquant import ENTRY_SUFFIX, HEADER_KEY, check_header
 from sd3fp8.io.layouts import MMDIT_PREFIX, mmdit_config, strip_prefix, variant_name
 
 COMPONENT_PREFIXES = {
@@ -55,7 +55,9 @@ def _has_prefix(keys, prefixes) -> bool:
 
 def fp8_flavour(header: Header) -> str:
     keys = header.tensors.keys()
-    if any(k.endswith(".comfy_quant") for k in keys) or "_quantization_metadata" in header.metadata:
+    if header.metadata.get("sd3fp8_layout") == "sd3fp8":  # ours, any version (v2 also carries comfy_quant entries)
+        return "sd3fp8"
+    if any(k.endswith(ENTRY_SUFFIX) for k in keys) or HEADER_KEY in header.metadata:
         return "comfy-quant"
     if any(k == "scaled_fp8" or k.endswith(".scaled_fp8") for k in keys):
         return "comfy-scaled"
@@ -64,18 +66,6 @@ def fp8_flavour(header: Header) -> str:
     if any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in header.tensors.values()):
         return "plain-cast"
     return "none"
-
-
-def comfy_quant_formats(header: Header) -> set[str]:
-    """Formats named by the per-layer ComfyUI quantization metadata in the header (tensor values are read by the loader)."""
-    meta = header.metadata.get("_quantization_metadata")
-    if not meta:
-        return set()
-    try:
-        layers = json.loads(meta).get("layers", {})
-    except (json.JSONDecodeError, AttributeError):
-        raise ModelLoadError(f"{header.path}: corrupt _quantization_metadata in the header") from None
-    return {str(v.get("format")) for v in layers.values() if isinstance(v, dict)}
 
 
 def _text_encoder_kind(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str] | None:
@@ -97,12 +87,10 @@ def detect(header: Header) -> Detection:
     shapes = header.shapes()
     dtypes = dict(Counter(str(t.dtype).removeprefix("torch.") for t in header.tensors.values()))
     flavour = fp8_flavour(header)
-    unsupported = comfy_quant_formats(header) - {"float8_e4m3fn", "float8_e5m2"}
-    if unsupported:
-        raise ModelLoadError(f"{header.path}: ComfyUI quantization format(s) {sorted(unsupported)} are not supported (only float8_e4m3fn / float8_e5m2)")
     for name, prefixes in FOREIGN.items():
         if _has_prefix(keys, prefixes):
             raise ModelLoadError(f"{header.path}: this is a {name} checkpoint, not Stable Diffusion 3")
+    check_header(header)  # what the header declares per layer matches the stored tensors (tensor entries: comfyquant)
 
     stripped = strip_prefix(shapes)
     if any(k.startswith("joint_blocks.") for k in stripped):

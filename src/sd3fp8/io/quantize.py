@@ -5,11 +5,17 @@ is known before any data is read), written first, then each tensor is read (memo
 converted and appended: peak memory is a few copies of the largest tensor, never the model.
 Output goes to a temporary file beside the destination and is renamed at the very end.
 
-Formats (both keep the source's key layout, so every loader that reads the source reads them):
-- ``sd3fp8``: FP8 weights + float32 ``<layer>.weight_scale`` ([] or [out]); header metadata records
-  the format version, policy, granularity, FP8 format and the source file's SHA-256.
-- ``comfy``: ComfyUI scaled FP8: the ``scaled_fp8`` marker, FP8 weights and float32 scalar
-  ``<layer>.scale_weight`` (per tensor only, as ComfyUI reads it).
+Formats (all keep the source's key layout, so every loader that reads the source reads them; what
+ComfyUI does with each: docs/formats.md):
+- ``comfy-quant``: ComfyUI's per-layer format: FP8 weights, float32 scalar ``<layer>.weight_scale``,
+  a ``<layer>.comfy_quant`` entry naming the format (e4m3 or e5m2) and the same entries in the
+  header's ``_quantization_metadata`` (see ``comfyquant``).
+- ``sd3fp8``: the same layout with per-channel ([out]) or per-tensor scales; per-channel layers carry
+  a format name only sd3fp8 knows, so ComfyUI refuses such a file rather than misreading it.
+- ``comfy``: ComfyUI scaled FP8 (its older format): a ``scaled_fp8`` marker per model part, FP8
+  weights and float32 scalar ``<layer>.scale_weight``; E4M3 only (ComfyUI reads every layer as E4M3).
+All three record the sd3fp8 metadata: format version, the policy as written, granularity, FP8
+format, the source file's SHA-256 and the calibration.
 """
 
 from __future__ import annotations
@@ -27,20 +33,22 @@ import torch
 from sd3fp8.errors import ConfigError, ModelLoadError
 from sd3fp8.fp8.calibration import Calibration, file_fingerprint
 from sd3fp8.fp8.numerics import FP8Format, Granularity, check_finite, quantize_weight
+from sd3fp8.io import comfyquant
 from sd3fp8.io.atomic import atomic_write
 from sd3fp8.io.checkpoint import DTYPE_NAMES, Header, LazyTensors
 from sd3fp8.io.detection import COMPONENT_PREFIXES, detect
 from sd3fp8.io.layouts import MMDIT_PREFIX, original_module_to_diffusers
-from sd3fp8.policy import Policy, matches
+from sd3fp8.policy import Policy, Precision, matches
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: per-layer comfy_quant entries (sd3fp8, comfy-quant); 1: sd3fp8 files with weight_scale only
+FORMATS = ("sd3fp8", "comfy-quant", "comfy")
 HASH_PLACEHOLDER = "0" * 64  # the source's SHA-256, filled in once the background hash is done
 T5_LINEAR_SUFFIXES = (".q.weight", ".k.weight", ".v.weight", ".o.weight", ".wi_0.weight", ".wi_1.weight", ".wo.weight")
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeOptions:
-    format: str = "sd3fp8"  # sd3fp8 | comfy
+    format: str = "sd3fp8"  # sd3fp8 | comfy-quant | comfy
     granularity: Granularity = Granularity.CHANNEL
     fp8: FP8Format = FP8Format.E4M3
     t5: str = "keep"  # keep | fp8
@@ -49,14 +57,18 @@ class QuantizeOptions:
     calibration: Calibration | None = None  # static input scales to store beside the FP8 weights
 
     def __post_init__(self):
-        if self.format not in ("sd3fp8", "comfy"):
-            raise ConfigError(f"unknown output format {self.format!r}: expected sd3fp8 or comfy")
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown output format {self.format!r}: expected one of {', '.join(FORMATS)}")
         if self.t5 not in ("keep", "fp8"):
             raise ConfigError(f"--t5 must be 'fp8' or 'keep', got {self.t5!r}")
         object.__setattr__(self, "granularity", Granularity.parse(self.granularity))
         object.__setattr__(self, "fp8", FP8Format.parse(self.fp8))
-        if self.format == "comfy" and self.granularity is Granularity.CHANNEL:
-            raise ConfigError("the comfy format stores one scale per tensor: use --granularity tensor")
+        if self.format.startswith("comfy") and self.granularity is not Granularity.TENSOR:
+            raise ConfigError(f"the {self.format} format stores one scale per tensor (ComfyUI's FP8 layout): use --granularity tensor")
+        if self.format == "comfy" and self.fp8 is FP8Format.E5M2:
+            raise ConfigError("ComfyUI reads every scaled_fp8 layer as float8_e4m3fn whatever the marker says "
+                              "(comfy/utils.py convert_old_quants), so an e5m2 file would load wrong there: "
+                              "use --format comfy-quant, which names the format per layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +79,9 @@ class Planned:
     source: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    role: str  # copy | weight | scale | marker | input_scale
+    role: str  # copy | weight | scale | marker | input_scale | entry
     value: float | None = None  # an input scale's value
+    data: bytes = b""  # an entry's bytes (a marker has none)
 
 
 def _mmdit_layer_is_fp8(module: str, num_layers: int, keep) -> bool:
@@ -97,8 +110,8 @@ def plan(header: Header, options: QuantizeOptions) -> list[Planned]:
     t5_prefix = COMPONENT_PREFIXES["text_encoder_3"] if detection.kind == "mmdit-original" else ""
     mmdit_prefix = MMDIT_PREFIX if any(k.startswith(MMDIT_PREFIX) for k in header.tensors) else ""
     num_layers = detection.mmdit_config["num_layers"] if detection.mmdit_config else 0
-    scale_suffix = "weight_scale" if options.format == "sd3fp8" else "scale_weight"
-    input_suffix = "input_scale" if options.format == "sd3fp8" else "scale_input"
+    scale_suffix = "scale_weight" if options.format == "comfy" else "weight_scale"
+    input_suffix = "scale_input" if options.format == "comfy" else "input_scale"
     input_scales = options.calibration.input_scales() if options.calibration else {}
     out: list[Planned] = []
     if options.format == "comfy" and detection.kind == "mmdit-original":
@@ -125,6 +138,52 @@ def plan(header: Header, options: QuantizeOptions) -> list[Planned]:
     if options.t5 == "fp8" and not any(p.role == "weight" and (p.name.startswith(t5_prefix) if t5_prefix else detection.kind == "t5-xxl") for p in out):
         raise ConfigError(f"--t5 fp8: {header.path} holds no T5-XXL encoder")
     return out
+
+
+def output_plan(header: Header, options: QuantizeOptions) -> list[Planned]:
+    """``plan`` and what the format adds around the FP8 weights: a ``comfy_quant`` entry after each
+    weight's scale (sd3fp8, comfy-quant), or the ``scaled_fp8`` marker of a quantized T5 (comfy:
+    ComfyUI converts a text encoder's layers only under a marker of its own, comfy/sd.py)."""
+    planned = plan(header, options)
+    if options.format == "comfy":
+        if options.t5 == "fp8":
+            prefix = COMPONENT_PREFIXES["text_encoder_3"] if detect(header).kind == "mmdit-original" else ""
+            planned.insert(0, Planned(f"{prefix}scaled_fp8", "", options.fp8.dtype, (0,), "marker"))
+        return planned
+    data = comfyquant.encode_entry(comfyquant.entry(options.fp8, options.granularity))
+    out = []
+    for p in planned:
+        out.append(p)
+        if p.role == "scale":
+            name = p.name.removesuffix(".weight_scale") + comfyquant.ENTRY_SUFFIX
+            out.append(Planned(name, "", torch.uint8, (len(data),), "entry", data=data))
+    return out
+
+
+def recorded_policy(options: QuantizeOptions) -> Policy:
+    """The policy as written: the FP8 format and granularity of the file, T5 as --t5 made it."""
+    fp8 = Precision.FP8_E4M3 if options.fp8 is FP8Format.E4M3 else Precision.FP8_E5M2
+    changes = {"granularity": options.granularity}
+    if options.policy.transformer.is_fp8:
+        changes["transformer"] = fp8
+    if options.t5 == "fp8":
+        changes["text_encoder_3"] = fp8
+    return options.policy.replace(**changes)
+
+
+def file_metadata(src: Path, options: QuantizeOptions, planned: list[Planned]) -> dict[str, str]:
+    metadata = {
+        "format": "pt", "sd3fp8_format_version": FORMAT_VERSION, "sd3fp8_layout": options.format,
+        "fp8": options.fp8.value, "granularity": options.granularity.value, "t5": options.t5,
+        "policy": json.dumps(recorded_policy(options).to_dict()), "source_sha256": HASH_PLACEHOLDER, "source_name": src.name,
+    }
+    if options.calibration is not None:
+        metadata["calibration"] = json.dumps({"fingerprint": options.calibration.fingerprint, "method": options.calibration.method,
+                                              "percentile": options.calibration.percentile, "prompts": len(options.calibration.prompts)})
+    entries = {p.name.removesuffix(comfyquant.ENTRY_SUFFIX): json.loads(p.data) for p in planned if p.role == "entry"}
+    if entries:  # the file's own names: what the loader for this kind of file reads (docs/formats.md)
+        metadata[comfyquant.HEADER_KEY] = comfyquant.header_value(entries)
+    return metadata
 
 
 def check_calibration(files: LazyTensors, calibration: Calibration) -> None:
@@ -187,6 +246,24 @@ class _BackgroundHash(threading.Thread):
         return self.digest
 
 
+def _tensor_data(p: Planned, files: LazyTensors, quantized: dict, options: QuantizeOptions, src: Path) -> bytes | memoryview:
+    """One output tensor's bytes (a weight's scale waits in ``quantized`` until its turn)."""
+    if p.role in ("marker", "entry"):
+        return p.data
+    if p.role == "weight":
+        w8, scale = quantize_weight(files.get(p.source), options.fp8, options.granularity, f"{src}: {p.source}")
+        quantized[p.source] = scale
+        return _tensor_bytes(w8)
+    if p.role == "input_scale":
+        return _tensor_bytes(torch.tensor(p.value, dtype=torch.float32))
+    if p.role == "scale":
+        return _tensor_bytes(quantized.pop(p.source).reshape(p.shape))
+    tensor = files.get(p.source)
+    if tensor.is_floating_point():
+        check_finite(tensor, f"{src}: {p.source}")
+    return _tensor_bytes(tensor)
+
+
 def quantize_file(src: str | Path, dst: str | Path, options: QuantizeOptions = QuantizeOptions(),
                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Stream ``src`` into an FP8 checkpoint at ``dst`` (see the module docstring)."""
@@ -198,39 +275,17 @@ def quantize_file(src: str | Path, dst: str | Path, options: QuantizeOptions = Q
     if dst.suffix != ".safetensors":
         raise ConfigError(f"the output must be a .safetensors file, got {dst}")
     with LazyTensors(src) as files:
-        planned = plan(files.header, options)
+        planned = output_plan(files.header, options)
         if options.calibration is not None:
             check_calibration(files, options.calibration)
-        metadata = {
-            "format": "pt", "sd3fp8_format_version": FORMAT_VERSION, "sd3fp8_layout": options.format,
-            "fp8": options.fp8.value, "granularity": options.granularity.value, "t5": options.t5,
-            "policy": json.dumps(options.policy.to_dict()), "source_sha256": HASH_PLACEHOLDER, "source_name": src.name,
-        }
-        if options.calibration is not None:
-            metadata["calibration"] = json.dumps({"fingerprint": options.calibration.fingerprint, "method": options.calibration.method,
-                                                  "percentile": options.calibration.percentile, "prompts": len(options.calibration.prompts)})
         total = sum(_nbytes(p) for p in planned)
         source_hash = _BackgroundHash(src)
         with atomic_write(dst) as f:
-            header = build_header(planned, metadata)
+            header = build_header(planned, file_metadata(src, options, planned))
             f.write(header)
             done, quantized = 0, {}
             for p in planned:
-                if p.role == "marker":
-                    data = b""
-                elif p.role == "weight":
-                    w8, scale = quantize_weight(files.get(p.source), options.fp8, options.granularity, f"{src}: {p.source}")
-                    quantized[p.source] = scale
-                    data = _tensor_bytes(w8)
-                elif p.role == "input_scale":
-                    data = _tensor_bytes(torch.tensor(p.value, dtype=torch.float32))
-                elif p.role == "scale":
-                    data = _tensor_bytes(quantized.pop(p.source).reshape(p.shape))
-                else:
-                    tensor = files.get(p.source)
-                    if tensor.is_floating_point():
-                        check_finite(tensor, f"{src}: {p.source}")
-                    data = _tensor_bytes(tensor)
+                data = _tensor_data(p, files, quantized, options, src)
                 f.write(data)
                 done += len(data)
                 if progress:

@@ -9,7 +9,6 @@ dequantized; 16/32-bit weights the policy wants in FP8 are quantized as they are
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 
 import torch
@@ -19,6 +18,7 @@ from sd3fp8.errors import ModelLoadError
 from sd3fp8.fp8.linear import ActivationScaling, Backend, FP8Linear, resolve_backend
 from sd3fp8.fp8.numerics import FP8Format, Granularity, all_finite, dequantize, is_fp8, quantize_weight
 from sd3fp8.io.checkpoint import LazyTensors
+from sd3fp8.io.comfyquant import ENTRY_SUFFIX, LayerQuant, quant_layers
 from sd3fp8.io.detection import detect
 from sd3fp8.io.layouts import IDENTITY, MMDIT_PREFIX, Transform, original_key_to_diffusers
 from sd3fp8.policy import Policy
@@ -27,7 +27,7 @@ from sd3fp8.policy import Policy
 # and the newer names (ComfyUI's comfy_quant and the sd3fp8 format).
 WEIGHT_SCALE_SUFFIXES = ("scale_weight", "weight_scale")
 INPUT_SCALE_SUFFIXES = ("scale_input", "input_scale")
-SKIPPED_SUFFIXES = ("comfy_quant",)  # per-layer metadata, read through the header
+SKIPPED_SUFFIXES = (ENTRY_SUFFIX[1:],)  # per-layer entries, read by comfyquant.quant_layers
 
 
 @dataclasses.dataclass
@@ -38,6 +38,7 @@ class SourceLinear:
     bias: torch.Tensor | None = None
     weight_scale: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
+    full_precision: bool = False  # ComfyUI's full_precision_matrix_mult: never an FP8 matmul, no input scale
 
 
 def _mmdit_prefix(keys) -> str:
@@ -49,14 +50,15 @@ def same_name(key: str) -> list[tuple[str, Transform]]:
     return [(key, IDENTITY)]
 
 
-def gather_tensors(files: LazyTensors, prefix: str, key_targets: Callable[[str], list[tuple[str, Transform]]]
-                   ) -> tuple[dict[str, SourceLinear], dict[str, torch.Tensor], bool]:
+def gather_tensors(files: LazyTensors, prefix: str, key_targets: Callable[[str], list[tuple[str, Transform]]],
+                   quant: dict[str, LayerQuant] | None = None) -> tuple[dict[str, SourceLinear], dict[str, torch.Tensor], bool]:
     """Map the tensors of ``files`` under ``prefix`` to the model's names (``key_targets`` raises
-    KeyError for a key the model does not have).
+    KeyError for a key the model does not have); ``quant`` is the file's checked per-layer entries.
 
     Returns (per-module weight/bias/scales, other tensors by key, weights-only flag).
-    Weights-only is ComfyUI's 2-element ``scaled_fp8`` marker: input scales must not be used.
+    Weights-only is ComfyUI's 2-element ``scaled_fp8`` marker: no FP8 matmul, no input scales.
     """
+    full_precision = {layer for layer, q in (quant or {}).items() if q.full_precision}
     modules: dict[str, SourceLinear] = {}
     others: dict[str, torch.Tensor] = {}
     weights_only = False
@@ -84,15 +86,18 @@ def gather_tensors(files: LazyTensors, prefix: str, key_targets: Callable[[str],
             if scale_field:
                 setattr(modules.setdefault(module_name, SourceLinear()), scale_field, value)
             elif field in ("weight", "bias") and module_name:
-                setattr(modules.setdefault(module_name, SourceLinear()), field, value)
+                source = modules.setdefault(module_name, SourceLinear())
+                setattr(source, field, value)
+                source.full_precision |= field == "weight" and key.removesuffix(".weight") in full_precision
             else:
                 others[target] = value
     return modules, others, weights_only
 
 
-def gather_mmdit_tensors(files: LazyTensors, num_layers: int) -> tuple[dict[str, SourceLinear], dict[str, torch.Tensor], bool]:
+def gather_mmdit_tensors(files: LazyTensors, num_layers: int, quant: dict[str, LayerQuant] | None = None
+                         ) -> tuple[dict[str, SourceLinear], dict[str, torch.Tensor], bool]:
     """Every MMDiT tensor of an original-layout file, under diffusers names."""
-    return gather_tensors(files, _mmdit_prefix(files.keys()), lambda key: original_key_to_diffusers(key, num_layers))
+    return gather_tensors(files, _mmdit_prefix(files.keys()), lambda key: original_key_to_diffusers(key, num_layers), quant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +198,7 @@ def load_mmdit(
         if detection.kind != "mmdit-original":
             raise ModelLoadError(f"{path}: holds {detection.describe()}, not an original-layout SD3 MMDiT")
         config = detection.mmdit_config
-        check_comfy_quant(files)
-        sources, others, weights_only = gather_mmdit_tensors(files, config["num_layers"])
+        sources, others, weights_only = gather_mmdit_tensors(files, config["num_layers"], quant_layers(files))
         with torch.device("meta"):
             model = SD3Transformer2DModel(**config)
         recipe = FP8Recipe.from_policy(policy, "transformer", device, backend, force_fp8, activation)
@@ -209,8 +213,11 @@ def _checked(tensor: torch.Tensor, name: str, path) -> torch.Tensor:
 
 
 def _fp8_layer(name, module, src: SourceLinear, recipe: FP8Recipe, weights_only: bool, compute_dtype, path) -> FP8Linear:
-    """An FP8Linear from file tensors: FP8 bytes kept as they are when the format matches."""
+    """An FP8Linear from file tensors: FP8 bytes kept as they are when the format matches. A layer
+    the file marks full precision (``full_precision_matrix_mult``, or ComfyUI's 2-element marker)
+    runs weight-only: 16/32-bit matmul, as ComfyUI runs it, and its input scale is not used."""
     fmt, granularity = recipe.fmt, recipe.granularity
+    full_precision = src.full_precision or weights_only
     if is_fp8(src.weight.dtype) and src.weight.dtype == fmt.dtype:
         _checked(src.weight, name + ".weight", path)
         scale = src.weight_scale if src.weight_scale is not None else torch.tensor(1.0)  # plain cast: value = stored
@@ -222,29 +229,12 @@ def _fp8_layer(name, module, src: SourceLinear, recipe: FP8Recipe, weights_only:
             scale = src.weight_scale if src.weight_scale is not None else torch.tensor(1.0)
             weight = dequantize(weight, scale.reshape(-1, 1) if scale.dim() else scale)
         weight_fp8, scale = quantize_weight(weight, fmt, granularity, f"{path}: {name}.weight")
+    backend = Backend.WEIGHT_ONLY if full_precision else recipe.backend
     layer = FP8Linear(module.in_features, module.out_features, bias=module.bias is not None, fmt=fmt,
-                      granularity=granularity, backend=recipe.backend, activation=recipe.activation, device="meta")
+                      granularity=granularity, backend=backend, activation=recipe.activation, device="meta")
     layer.weight, layer.weight_scale = weight_fp8, scale.float()
     if src.bias is not None:
         layer.bias = nn.Parameter(_checked(src.bias, name + ".bias", path).to(compute_dtype), requires_grad=False)
-    if src.input_scale is not None and not weights_only:
+    if src.input_scale is not None and not full_precision:
         layer.set_input_scale(src.input_scale)
     return layer
-
-
-def check_comfy_quant(files: LazyTensors) -> None:
-    formats = {q.get("format") for q in comfy_quant_layers(files).values()} - {"float8_e4m3fn", "float8_e5m2"}
-    if formats:
-        raise ModelLoadError(f"{files.header.path}: ComfyUI quantization format(s) {sorted(map(str, formats))} are not supported")
-
-
-def comfy_quant_layers(files: LazyTensors) -> dict[str, dict]:
-    """Per-layer ``comfy_quant`` entries (uint8 tensors holding JSON), by layer name."""
-    out = {}
-    for key in files.keys():
-        if key.endswith(".comfy_quant"):
-            try:
-                out[key.removesuffix(".comfy_quant")] = json.loads(bytes(files.get(key).tolist()).decode())
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise ModelLoadError(f"{files.header.path}: {key} is not UTF-8 JSON") from None
-    return out
