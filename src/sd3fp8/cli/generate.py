@@ -9,7 +9,7 @@ from sd3fp8.errors import ConfigError
 
 # request fields a PNG's parameters restore with --from-png (flags given on the command line win)
 FROM_PNG_FIELDS = ("prompt", "negative_prompt", "steps", "cfg", "seed", "width", "height", "sampler", "scheduler", "shift",
-                   "denoise", "batch_index")
+                   "denoise", "batch_index", "text_mode")
 
 
 def output_paths(out: Path | None, seed: int, batch_indices: list[int]) -> list[Path]:
@@ -42,7 +42,7 @@ def request_from_args(args):
     from sd3fp8.engine.request import GenerationRequest
 
     options = {k: getattr(args, k) for k in ("steps", "cfg", "width", "height", "shift", "denoise", "sampler", "scheduler",
-                                             "batch_index") if getattr(args, k) is not None}
+                                             "batch_index", "text_mode") if getattr(args, k) is not None}
     init = load_image(args.init_image) if args.init_image is not None else None
     if init is None and options.get("denoise", 1.0) < 1:
         raise ConfigError("--denoise below 1 needs --init-image (img2img)")
@@ -110,6 +110,8 @@ def register(sub) -> None:
     p.add_argument("--scheduler", help="simple, normal (default), sgm_uniform, beta, karras, exponential, linear_quadratic, "
                    "kl_optimal, ddim_uniform")
     p.add_argument("--shift", type=float, help="flow shift of the sigma schedule (default: the model's scheduler config)")
+    p.add_argument("--text-mode", choices=("diffusers", "comfy"), help="prompt encoding: diffusers (default: CLIP truncated at 77 "
+                   "tokens, T5 to the model's length) or comfy (ComfyUI's: CLIP windows of 77, T5 never truncated, (word:1.2) weights)")
     p.add_argument("--init-image", type=Path, metavar="PATH", help="img2img: start from this image (scaled to cover the size, centre-cropped)")
     p.add_argument("--denoise", type=float, help="how much of the schedule runs: 1 = all (txt2img), 0.6 = keep 40%% of the init image")
     p.add_argument("--from-png", type=Path, metavar="FILE", help="regenerate from a PNG's stored parameters (flags given here override)")

@@ -72,16 +72,22 @@ def load_engine_parts(path, policy: Policy, runtime: RuntimeConfig, transformer_
     return {"pipe": pipe, "policy": policy, "runtime": runtime, "model_path": sources.folder or Path(sources.label),
             "compute_dtype": compute_dtype, "device": device, "fp8_layers": fp8_layers,
             "recipe": model_recipe(sources, pipe), "sources": sources, "stage_loader": load if staged else None,
-            "calibration": cal, "clip_counter": clip_counter}
+            "calibration": cal, "clip_counter": clip_counter,
+            "context_width": transformer_config(sources, pipe, "joint_attention_dim")}
+
+
+def transformer_config(sources, pipe, key: str):
+    """A value of the MMDiT's config, whether the transformer is resident, staged or in a file."""
+    value = sources.mmdit.mmdit_config.get(key) if sources.mmdit else None
+    if value is None:
+        value = (getattr(pipe.transformer.config, key) if pipe.transformer is not None
+                 else json.loads((sources.folder / "transformer" / "config.json").read_text())[key])
+    return value
 
 
 def model_recipe(sources, pipe):
     """Generation defaults: the folder's sd3fp8.json, else the model card's for the detected variant."""
     from sd3fp8.engine.request import read_recipe, variant_recipe
 
-    sample_size = sources.mmdit.mmdit_config["sample_size"] if sources.mmdit else None
-    if sample_size is None:
-        sample_size = (pipe.transformer.config.sample_size if pipe.transformer is not None
-                       else json.loads((sources.folder / "transformer" / "config.json").read_text())["sample_size"])
-    side = sample_size * pipe.vae_scale_factor
+    side = transformer_config(sources, pipe, "sample_size") * pipe.vae_scale_factor
     return read_recipe(sources.folder, side) if sources.folder else variant_recipe(sources.mmdit.variant, side)

@@ -23,6 +23,7 @@ from torch import nn
 
 from sd3fp8.engine.denoise import Conditioning, scheduler_shift, transformer_predictor
 from sd3fp8.engine.request import RECIPE_FILE, GenerationRequest, Recipe
+from sd3fp8.engine.text import ENCODINGS, TextMode, layout_of
 from sd3fp8.errors import ModelLoadError
 from sd3fp8.fp8.linear import resolve_backend
 from sd3fp8.fp8.swap import fp8_layers as fp8_layers_of
@@ -72,7 +73,8 @@ class SD3FP8Pipeline:
     """
 
     def __init__(self, pipe, policy: Policy, runtime: RuntimeConfig, model_path: Path, compute_dtype, device, fp8_layers, recipe,
-                 sources=None, stage_loader: Callable | None = None, calibration=None, clip_counter=None):
+                 sources=None, stage_loader: Callable | None = None, calibration=None, clip_counter=None,
+                 context_width: int = 4096):
         # diffusers' StableDiffusion3Pipeline holds the resident components, tokenizers and scheduler
         # config; generation does not go through its __call__ but through encode/denoise/decode.
         self._pipe = pipe
@@ -84,6 +86,7 @@ class SD3FP8Pipeline:
         self.stage_loader = stage_loader  # offload=stages: component name -> (module, fp8 names)
         self.calibration = calibration  # calibration.Calibration applied to the transformer, if any
         self.clip_counter = clip_counter  # linear.ClipCounter when runtime.watch_clipping
+        self.context_width = context_width  # the transformer's joint_attention_dim (4096 for SD3.x)
         self._lock = threading.Lock()  # one generation at a time
 
     @classmethod
@@ -153,17 +156,19 @@ class SD3FP8Pipeline:
 
     def generate(self, request: GenerationRequest, callback: Callable[[dict], None] | None = None,
                  output: str = "pil") -> GenerationResult:
-        """encode -> denoise -> decode for ``request`` (open fields filled from the model's recipe)."""
+        """encode -> denoise -> decode for ``request`` (open fields filled from the model's recipe);
+        each prompt's batch is one sampler run, as one ComfyUI workflow run is."""
         request = self.resolve(request)
+        images, params = [], []
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
-            conditioning = self.encode(request.image_prompts(), request.negative_prompt)
             latent = None if request.init_image is None else self.encode_image(request.init_image, request.width, request.height)
-            noise = self.initial_noise(request)
-            latents = self.denoise(request, conditioning, noise, latent, callback)
-            images = list(latents) if output == "latent" else self.decode(latents)
+            for prompt in request.prompts:
+                conditioning = self.encode(prompt, request.negative_prompt, request.text_mode)
+                latents = self.denoise(request, conditioning, self.initial_noise(request), latent, callback)
+                images += list(latents) if output == "latent" else self.decode(latents)
+                params += [self.parameters(request, prompt, i) for i in range(request.batch_index, request.batch_index + request.batch)]
             seconds = time.perf_counter() - start
-        params = [self.parameters(request, p, i) for p, i in zip(request.image_prompts(), request.batch_indices())]
         return GenerationResult(images, params, seconds)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
@@ -174,18 +179,21 @@ class SD3FP8Pipeline:
             request = dataclasses.replace(request, **dict(zip(("width", "height"), size_for(request.init_image))))
         return request.resolved(self.recipe)
 
-    def encode(self, prompts: list[str], negative_prompt: str | None) -> Conditioning:
-        """Conditioning for one image per prompt (diffusers' encoding: CLIP-L/G truncated at 77
-        tokens, T5 padded/truncated to the recipe's max_sequence_length); the negative is "" unless given."""
-        negatives = [negative_prompt or ""] * len(prompts)
-        with self.stage(*TEXT_ENCODERS) as modules:
-            encoder = self._pipe if not modules else self._staged_text_pipeline(modules)
-            context, negative_context, pooled, negative_pooled = encoder.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, negative_prompt=negatives,
-                do_classifier_free_guidance=True, device=self.device,
-                max_sequence_length=self.recipe.max_sequence_length,
-            )
-        return Conditioning((Cond(context, pooled),), (Cond(negative_context, negative_pooled),))
+    def encode(self, prompt: str, negative_prompt: str | None, mode: TextMode | str = TextMode.DIFFUSERS) -> Conditioning:
+        """Conditioning of one prompt and its negative ("" unless given) in text ``mode``: ComfyUI's
+        (CLIP windows of 77, never truncated; T5 >= 77 tokens; prompt weights) or diffusers' (CLIP
+        truncated at 77 tokens, T5 padded/truncated to the recipe's max_sequence_length)."""
+        mode = TextMode(mode)
+        encode = ENCODINGS[mode]
+        options = {"max_sequence_length": self.recipe.max_sequence_length} if mode is TextMode.DIFFUSERS else {}
+        tokenizers = {k: getattr(self._pipe, k, None) for k in ("tokenizer", "tokenizer_2", "tokenizer_3")}
+        with self.stage(*TEXT_ENCODERS) as staged:
+            encoders = {k: staged[k] if k in staged else self.component(k) for k in TEXT_ENCODERS}
+            # the context is as wide as the transformer takes (T5's width when T5 is loaded)
+            options["layout"] = dataclasses.replace(layout_of(encoders), context_width=self.context_width)
+            positive = encode(prompt, tokenizers, encoders, self.device, self.compute_dtype, **options)
+            negative = encode(negative_prompt or "", tokenizers, encoders, self.device, self.compute_dtype, **options)
+        return Conditioning((Cond(*positive),), (Cond(*negative),))
 
     def encode_image(self, image, width: int, height: int) -> torch.Tensor:
         """VAE latent (mean of the posterior, float32) of a PIL image resized to width x height."""
@@ -251,26 +259,15 @@ class SD3FP8Pipeline:
             modules.clear()
             gc.collect()
 
-    def _staged_text_pipeline(self, modules: dict[str, nn.Module]):
-        """A short-lived diffusers pipeline around staged text encoders, for its encode_prompt."""
-        from diffusers import StableDiffusion3Pipeline
-
-        p = self._pipe
-        return StableDiffusion3Pipeline(scheduler=p.scheduler, vae=None, transformer=None, tokenizer=p.tokenizer,
-                                        tokenizer_2=p.tokenizer_2, tokenizer_3=p.tokenizer_3,
-                                        text_encoder=modules.get("text_encoder"), text_encoder_2=modules.get("text_encoder_2"),
-                                        text_encoder_3=modules.get("text_encoder_3"))
-
     # ---- noise and reporting ---------------------------------------------------------------
 
     def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
-        """ComfyUI's noise, float32 on the CPU: per prompt one generator seeded with the seed, image i
-        its (batch_index + i)-th draw. Identical across devices and precisions."""
+        """ComfyUI's noise for one prompt's batch, float32 on the CPU: one generator seeded with the
+        seed, image i its (batch_index + i)-th draw. Identical across devices and precisions."""
         f = self.vae_scale_factor
         shape = (request.batch, self.latent_channels, request.height // f, request.width // f)
         indices = list(range(request.batch_index, request.batch_index + request.batch))
-        per_prompt = initial_noise(shape, request.seed, None if request.batch_index == 0 else indices)
-        return torch.cat([per_prompt] * len(request.prompts))
+        return initial_noise(shape, request.seed, None if request.batch_index == 0 else indices)
 
     def parameters(self, request: GenerationRequest, prompt: str, batch_index: int) -> dict:
         """Everything needed to regenerate one image (batch=1 with this batch_index)."""
@@ -278,7 +275,7 @@ class SD3FP8Pipeline:
             "prompt": prompt, "negative_prompt": request.negative_prompt, "seed": request.seed, "batch_index": batch_index,
             "steps": request.steps, "cfg": request.cfg, "sampler": request.sampler, "scheduler": request.scheduler,
             "shift": request.shift if request.shift is not None else scheduler_shift(self._pipe.scheduler),
-            "denoise": request.denoise, "width": request.width, "height": request.height,
+            "denoise": request.denoise, "text_mode": request.text_mode.value, "width": request.width, "height": request.height,
             "precision": self.policy.transformer.value, "t5": self.policy.text_encoder_3.value,
             "granularity": self.policy.granularity.value, "backend": self.transformer_backend(),
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "device": str(self.device),

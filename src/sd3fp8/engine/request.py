@@ -53,13 +53,20 @@ class GenerationRequest:
     denoise: float = 1.0
     init_image: Any = None
     batch_index: int = 0
+    text_mode: str = "diffusers"  # or "comfy": see engine/text.py
 
     def __post_init__(self):
         from sd3fp8.sampling.aliases import parse_sampler, parse_scheduler
 
         object.__setattr__(self, "sampler", parse_sampler(self.sampler))
         object.__setattr__(self, "scheduler", parse_scheduler(self.scheduler))
+        from sd3fp8.engine.text import TextMode
+
         check_sampling_numbers(self.shift, self.denoise, self.batch_index, self.batch)
+        try:
+            object.__setattr__(self, "text_mode", TextMode(self.text_mode))
+        except ValueError:
+            raise ConfigError(f"unknown text mode {self.text_mode!r}: expected comfy or diffusers") from None
         if self.init_image is not None and not hasattr(self.init_image, "convert"):
             raise ConfigError(f"init image must be a PIL image, got {type(self.init_image).__name__}")
         prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
