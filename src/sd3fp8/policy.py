@@ -10,10 +10,10 @@ import dataclasses
 import enum
 import fnmatch
 import json
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
-import tomllib
 import torch
 
 from sd3fp8.errors import ConfigError
