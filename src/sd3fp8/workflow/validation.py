@@ -116,7 +116,7 @@ class _Validator:
             return _error("bad_linked_input", f"Input '{name}' takes a link to a {kind} output, not a value", name,
                           input_config=config, received_value=value)
         try:
-            if kind in _CONVERT:
+            if isinstance(kind, str) and kind in _CONVERT:
                 value = inputs[name] = _CONVERT[kind](value)
             if kind == "FLOAT" and not math.isfinite(value):
                 raise ValueError("not a finite number")
