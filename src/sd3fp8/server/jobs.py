@@ -2,7 +2,8 @@
 
 A heap on (number, arrival), so equal numbers run first come first served; `front` prompts get
 negative numbers. One job runs at a time; finished jobs go to a capped, insertion-ordered history.
-Thread-safe: the HTTP handlers and the worker thread share it. Entries are never modified after
+Thread-safe: the HTTP handlers and the worker thread share it; ``on_change`` (the status broadcast,
+which only queues a message) is called under the lock so statuses go out in the order of changes. Entries are never modified after
 they are stored, so readers get them without copies.
 """
 
@@ -67,8 +68,8 @@ class PromptQueue:
                 raise QueueFull(f"the queue holds {len(self._heap)} prompts (--max-queue {self.max_pending})")
             job = Job(number, next(self._seq), prompt_id, prompt, extra_data, outputs)
             heapq.heappush(self._heap, job)
+            self.on_change()  # under the lock: this status goes out before the worker's
             self._not_empty.notify()
-        self.on_change()
         return job
 
     def get(self, timeout: float | None = None) -> Job | None:
@@ -78,7 +79,7 @@ class PromptQueue:
                 return None
             job = heapq.heappop(self._heap)
             self._running = job
-        self.on_change()
+            self.on_change()
         return job
 
     def task_done(self, job: Job, outcome: ExecutionOutcome) -> None:
@@ -89,7 +90,7 @@ class PromptQueue:
                 del self._history[next(iter(self._history))]
             self._history[job.prompt_id] = {"prompt": job.item(), "outputs": outcome.outputs, "status": outcome.status,
                                             "meta": outcome.meta}
-        self.on_change()
+            self.on_change()
 
     def running(self) -> Job | None:
         with self._lock:
@@ -111,12 +112,12 @@ class PromptQueue:
         with self._lock:
             self._heap = [job for job in self._heap if job.prompt_id not in ids]
             heapq.heapify(self._heap)
-        self.on_change()
+            self.on_change()
 
     def clear(self) -> None:
         with self._lock:
             self._heap = []
-        self.on_change()
+            self.on_change()
 
     def history(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> dict:
         with self._lock:
