@@ -14,6 +14,7 @@ from sd3fp8.server.protocol import encode_image, preview_frame, preview_frame_wi
 from sd3fp8.workflow.spec import Preview
 
 log = logging.getLogger(__name__)
+SEND_TIMEOUT = 10.0  # seconds a client may take to accept one message before it is dropped
 
 
 @dataclass
@@ -96,11 +97,23 @@ class Hub:
                     continue
                 try:
                     if message.event == "preview":
-                        await client.websocket.send_bytes(self._frame(message.data, client, frames))
+                        sending = client.websocket.send_bytes(self._frame(message.data, client, frames))
                     else:
-                        await client.websocket.send_json({"type": message.event, "data": message.data})
+                        sending = client.websocket.send_json({"type": message.event, "data": message.data})
+                    await asyncio.wait_for(sending, SEND_TIMEOUT)
+                except asyncio.TimeoutError:
+                    log.warning("websocket client %s is not reading: disconnected", sid)
+                    self.unregister(sid, client.websocket)
+                    asyncio.create_task(self._close(client))
                 except Exception as e:  # noqa: BLE001 - a vanished client must not stop the others
                     log.debug("websocket send to %s failed: %s", sid, e)
+
+    @staticmethod
+    async def _close(client: Client) -> None:
+        try:
+            await client.websocket.close(code=1008)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
     @staticmethod
     def _frame(data, client: Client, frames: dict[str, bytes]) -> bytes:

@@ -4,7 +4,9 @@ Nodes never import the engine; they call a :class:`Backend`. The engine-backed i
 (loading through ``sd3fp8.io``, sampling through ``sd3fp8.sampling``) plugs in here; the tests use
 a small deterministic fake. Handles returned by the loaders are opaque to the workflow layer: it
 wraps them in :class:`~sd3fp8.workflow.types.Model`, ``Clip`` and ``Vae`` and hands them back.
-A backend may be called only from the executor's worker thread, one call at a time.
+The inventory methods (model_files, sampler_names, scheduler_names) may be called from any thread
+(request handlers render /object_info and validate prompts); everything else only from the
+executor's worker thread, one call at a time.
 """
 
 from __future__ import annotations
