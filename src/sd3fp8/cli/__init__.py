@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from sd3fp8.cli import calibration, files, generate, measure
+from sd3fp8.cli import calibration, files, generate, measure, serve
 from sd3fp8.cli.common import _Parser
 from sd3fp8.errors import SD3FP8Error
 
-COMMAND_GROUPS = (generate, files, calibration, measure)
+COMMAND_GROUPS = (generate, files, calibration, measure, serve)
 
 
 def make_parser() -> _Parser:
