@@ -9,7 +9,6 @@ dequantized; 16/32-bit weights the policy wants in FP8 are quantized as they are
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 
 import torch
@@ -21,6 +20,7 @@ from sd3fp8.fp8.numerics import FP8Format, Granularity, all_finite, dequantize, 
 from sd3fp8.io.checkpoint import LazyTensors
 from sd3fp8.io.detection import detect
 from sd3fp8.io.layouts import IDENTITY, MMDIT_PREFIX, Transform, original_key_to_diffusers
+from sd3fp8.io.safe_read import parse_json
 from sd3fp8.policy import Policy
 
 # Per-layer scale tensors, by the name each format gives them: ComfyUI's old scaled-fp8 names,
@@ -155,6 +155,8 @@ def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict
     for name, src in sources.items():  # convolutions, norms, embeddings: plain tensors
         if name not in module_names:
             raise ModelLoadError(f"{path}: tensors for {name!r} match no layer of the detected architecture")
+        if src.weight_scale is not None:  # only linears apply scales: anything else would load wrong by its factor
+            raise ModelLoadError(f"{path}: {name!r} carries a weight scale but is not a linear layer; no loader applies it")
         for field in ("weight", "bias"):
             tensor = getattr(src, field)
             if tensor is not None:
@@ -233,7 +235,7 @@ def _fp8_layer(name, module, src: SourceLinear, recipe: FP8Recipe, weights_only:
 
 
 def check_comfy_quant(files: LazyTensors) -> None:
-    formats = {q.get("format") for q in comfy_quant_layers(files).values()} - {"float8_e4m3fn", "float8_e5m2"}
+    formats = {str(q.get("format")) for q in comfy_quant_layers(files).values()} - {"float8_e4m3fn", "float8_e5m2"}
     if formats:
         raise ModelLoadError(f"{files.header.path}: ComfyUI quantization format(s) {sorted(map(str, formats))} are not supported")
 
@@ -243,8 +245,11 @@ def comfy_quant_layers(files: LazyTensors) -> dict[str, dict]:
     out = {}
     for key in files.keys():
         if key.endswith(".comfy_quant"):
-            try:
-                out[key.removesuffix(".comfy_quant")] = json.loads(bytes(files.get(key).tolist()).decode())
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise ModelLoadError(f"{files.header.path}: {key} is not UTF-8 JSON") from None
+            info = files.header.tensors[key]
+            if info.dtype != torch.uint8 or len(info.shape) != 1 or info.nbytes > 2**20:
+                raise ModelLoadError(f"{files.header.path}: {key} is not a JSON text (uint8 bytes, at most 1 MiB)")
+            value = parse_json(files.get(key).numpy().tobytes(), f"{files.header.path}: {key}", ModelLoadError)
+            if not isinstance(value, dict):
+                raise ModelLoadError(f"{files.header.path}: {key} is not a JSON object")
+            out[key.removesuffix(".comfy_quant")] = value
     return out
