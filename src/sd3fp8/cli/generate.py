@@ -23,13 +23,20 @@ def cmd_generate(args) -> int:
 
     from sd3fp8.engine.pipeline import validate_request
     from sd3fp8.engine.pnginfo import save_png
+    from sd3fp8.engine.requests import check_prompt, check_seed
+    from sd3fp8.io.oserrors import check_output_file
 
     # Cheap checks first: a bad size should not cost a model load (None = the model's default).
     def given(value, placeholder):
         return placeholder if value is None else value
 
     validate_request(given(args.steps, 1), given(args.cfg, 0.0), given(args.width, 16), given(args.height, 16), args.batch)
+    check_seed(args.seed, args.batch)
+    check_prompt(args.prompt)
+    check_prompt(args.negative, "negative prompt")
     paths = output_paths(args.out, [args.seed + i for i in range(args.batch)])
+    for path in paths:  # minutes of generation must not end in "read-only file system"
+        check_output_file(path, given(args.width, 1024) * given(args.height, 1024) * 3 + 2**16)  # a PNG is at most raw RGB
     engine = build_engine(args)
     bar = None
 
