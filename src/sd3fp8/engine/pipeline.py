@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,11 +16,14 @@ from pathlib import Path
 
 import torch
 
-from sd3fp8.errors import ConfigError, ModelLoadError
+from sd3fp8.engine.requests import check_prompt, check_seed
+from sd3fp8.errors import ConfigError
 from sd3fp8.fp8.calibration import Calibration, apply_calibration
 from sd3fp8.fp8.linear import ClipCounter, resolve_backend
 from sd3fp8.fp8.swap import fp8_layers as fp8_layers_of
+from sd3fp8.io import schemas
 from sd3fp8.io.components import FileSource
+from sd3fp8.io.folders import check_model_folder  # noqa: F401  (re-exported: the CLI imports it from here)
 from sd3fp8.policy import COMPONENTS, Policy, Precision
 from sd3fp8.runtime import RuntimeConfig, resolve_compute_dtype, resolve_device
 
@@ -33,25 +35,6 @@ MAX_SIDE = 4096  # pixels; SD3.5 is trained up to ~1.5 MP, beyond this is a typo
 MAX_BATCH = 64
 MAX_STEPS = 1000
 RECIPE_FILE = "sd3fp8.json"  # optional per-model defaults (steps, cfg, size) beside model_index.json
-
-
-def check_model_folder(path: Path) -> dict:
-    """Validate a diffusers SD3 folder and return its model_index.json."""
-    if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist")
-    index = path / "model_index.json"
-    if not path.is_dir() or not index.is_file():
-        raise ModelLoadError(f"{path} is not a diffusers model folder (no model_index.json)")
-    try:
-        data = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{index} is not valid JSON: {e}") from None
-    if data.get("_class_name") != "StableDiffusion3Pipeline":
-        raise ModelLoadError(f"{path} holds a {data.get('_class_name')!r}, not a StableDiffusion3Pipeline")
-    missing = [c for c in ("transformer", "vae", "scheduler") if not (path / c).is_dir()]
-    if missing:
-        raise ModelLoadError(f"{path} lacks component folder(s): {', '.join(missing)}")
-    return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +52,7 @@ def read_recipe(path: Path, default_side: int) -> Recipe:
     data = {"width": default_side, "height": default_side}
     recipe_file = path / RECIPE_FILE
     if recipe_file.is_file():
-        data.update(json.loads(recipe_file.read_text()).get("defaults", {}))
+        data.update(schemas.recipe(recipe_file)["defaults"])
     return Recipe(**{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(Recipe)}})
 
 
@@ -140,6 +123,7 @@ class SD3FP8Pipeline:
         from diffusers import StableDiffusion3Pipeline
 
         from sd3fp8.io.loading import LoadSettings, effective_policy, load_component, load_scheduler, load_tokenizers
+        from sd3fp8.io.preflight import check_before_loading
         from sd3fp8.io.sources import resolve_sources
 
         policy = policy or Policy()
@@ -156,6 +140,7 @@ class SD3FP8Pipeline:
         if transformer_file is not None:
             sources = dataclasses.replace(sources, files={**sources.files, "transformer": FileSource(Path(transformer_file))})
         policy = effective_policy(policy, sources)
+        check_before_loading(sources, policy, device, compute_dtype, runtime.offload)  # fit and memory, from configs
         settings = LoadSettings(device, compute_dtype, runtime.backend, runtime.force_fp8, runtime.activation)
         with_t5 = policy.text_encoder_3 is not Precision.OFF
         tokenizer_set = load_tokenizers(sources, with_t5)
@@ -190,7 +175,7 @@ class SD3FP8Pipeline:
         sample_size = sources.mmdit.mmdit_config["sample_size"] if sources.mmdit else None
         if sample_size is None:
             sample_size = (pipe.transformer.config.sample_size if pipe.transformer is not None
-                           else json.loads((sources.folder / "transformer" / "config.json").read_text())["sample_size"])
+                           else schemas.transformer_config(sources.folder / "transformer" / "config.json")["sample_size"])
         side = sample_size * pipe.vae_scale_factor
         recipe = read_recipe(sources.folder, side) if sources.folder else variant_recipe(sources.mmdit.variant, side)
         return cls(pipe, policy, runtime, model_path, compute_dtype, device, fp8_layers, recipe, sources,
@@ -225,6 +210,10 @@ class SD3FP8Pipeline:
         height = self.recipe.height if height is None else height
         validate_request(steps, cfg, width, height, batch)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        check_seed(seed, batch)
+        for text in prompts:
+            check_prompt(text)
+        check_prompt(negative_prompt, "negative prompt")
         seeds = [seed + i for _ in prompts for i in range(batch)]
         latents = self.initial_noise(seeds, width, height)
 
