@@ -129,8 +129,8 @@ def wide_mmdit_file(path: Path, joint: int = 4096, pooled: int = 2048) -> Path:
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
-    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=32,
-                                  num_attention_heads=1, joint_attention_dim=joint, caption_projection_dim=32,
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=64,
+                                  num_attention_heads=1, joint_attention_dim=joint, caption_projection_dim=64,
                                   pooled_projection_dim=pooled, out_channels=16, pos_embed_max_size=8)
     save_file(_bf16(diffusers_state_to_original(model.state_dict(), 1, MMDIT_PREFIX)), str(path))
     return path
