@@ -27,7 +27,8 @@ def make_parser() -> _Parser:
 
 def one_line(error: Exception) -> str:
     """The message as one printable line: names from hostile files may hold newlines or lone surrogates."""
-    return " ".join(str(error).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    text = " ".join(str(error).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= 2000 else text[:2000] + " [...]"  # a hostile file's names can be megabytes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,15 +116,15 @@ def _tensor_info(name: str, entry, path: Path) -> TensorInfo:
         raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {shown}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_index(d) for d in shape):
         raise ModelLoadError(f"{path}: tensor {name!r} has an invalid shape (a list of at most {MAX_DIMS} sizes in 0..2^63-1)")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
-        raise ModelLoadError(f"{path}: tensor {name!r} has invalid offsets (two byte positions)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets) or offsets[0] > offsets[1]:
+        raise ModelLoadError(f"{path}: tensor {name!r} has invalid offsets (two byte positions, begin <= end)")
     dtype = DTYPES[dtype_name]
     # torch computes strides as products of the sizes (zeros counted as one): they must fit int64
     if math.prod(max(d, 1) for d in shape) * dtype.itemsize > INT64_MAX:
         raise ModelLoadError(f"{path}: tensor {name!r} has shape {shape}, beyond what int64 sizes can address")
     info = TensorInfo(dtype, tuple(shape), (offsets[0], offsets[1]))
     expected = info.numel * dtype.itemsize
-    if not offsets[0] <= offsets[1] or offsets[1] - offsets[0] != expected:
+    if offsets[1] - offsets[0] != expected:
         raise ModelLoadError(f"{path}: tensor {name!r} header lies: {offsets[1] - offsets[0]} bytes for shape {shape} "
                              f"{dtype_name} ({expected} expected)")
     return info

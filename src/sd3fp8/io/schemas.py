@@ -29,13 +29,20 @@ def kind(value) -> str:
     return {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
+def shown(value) -> str:
+    """A value for an error message: short scalars as written, anything else by its kind."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool) and len(repr(value)) < 40:
+        return repr(value)
+    return kind(value)
+
+
 class Fields:
     """Typed access to a JSON object's fields; every wrong value is one error naming its field."""
 
     def __init__(self, data, source: str, error: type[SD3FP8Error] = ModelLoadError, where: str = ""):
         self.source, self.error, self.where = source, error, where
         if not isinstance(data, dict):
-            raise self.fail(f"expected a JSON object{' for ' + where.rstrip('.') if where else ''}, got {kind(data)}")
+            raise self.fail(f"expected a JSON object{' for ' + repr(where.rstrip('.')) if where else ''}, got {kind(data)}")
         self.data = data
 
     def fail(self, message: str) -> SD3FP8Error:
@@ -49,8 +56,7 @@ class Fields:
         return self.data[key], True
 
     def _bad(self, key: str, value, expected: str) -> SD3FP8Error:
-        shown = repr(value) if isinstance(value, (int, float, str)) and len(repr(value)) < 40 else kind(value)
-        return self.fail(f"field {self.where + key!r} must be {expected}, got {shown}")
+        return self.fail(f"field {self.where + key!r} must be {expected}, got {shown(value)}")
 
     def int(self, key: str, lo: int, hi: int, default=REQUIRED):
         value, given = self._get(key, default)
@@ -218,14 +224,17 @@ def policy(data, source: str) -> dict:
     f = Fields(data, source, ConfigError)
     unknown = sorted(set(f.data) - set(POLICY_STRING_FIELDS + POLICY_LIST_FIELDS))
     if unknown:
-        raise f.fail(f"unknown policy field(s): {', '.join(unknown)}")
+        raise f.fail(f"unknown policy field(s): {', '.join(map(repr, unknown))}")
     out = {k: f.string(k) for k in POLICY_STRING_FIELDS if k in f.data}
     for k in POLICY_LIST_FIELDS:
         value = f.data.get(k)
         if isinstance(value, str):
             value = [value]
-        if k in f.data and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise f.fail(f"policy field {k!r} must be a list of name patterns, got {kind(f.data[k])}")
+        if k in f.data and not isinstance(value, list):
+            raise f.fail(f"policy field {k!r} must be a list of name patterns, got {shown(value)}")
+        odd = next((v for v in value or () if not isinstance(v, str)), "") if k in f.data else ""
+        if not isinstance(odd, str):
+            raise f.fail(f"policy field {k!r} must be a list of name patterns, got a list holding {shown(odd)}")
         if k in f.data:
             out[k] = value
     return out
@@ -242,7 +251,7 @@ def calibration(data, source: str, error: type[SD3FP8Error] = ConfigError) -> di
         raise error(f"{source}: not an sd3fp8 calibration file (no \"format\": \"{CALIBRATION_FORMAT}\")")
     f = Fields(data, source, error)
     if f.data.get("version") != CALIBRATION_VERSION:
-        raise f.fail(f"calibration format version {f.data.get('version')!r} is not supported (expected {CALIBRATION_VERSION})")
+        raise f.fail(f"calibration format version {shown(f.data.get('version'))} is not supported (expected {CALIBRATION_VERSION})")
     steps = f.int("steps", 1, 1000)
     values = {
         "fingerprint": f.string("fingerprint"), "model": f.string("model"), "prompts": tuple(f.strings("prompts")),
