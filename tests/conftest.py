@@ -13,3 +13,11 @@ def tiny_model(tmp_path_factory):
 
     quiet_libraries()
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tiny_model, tmp_path_factory):
+    """The tiny model's components as single files (all-in-one, MMDiT, CLIP-L/G, T5, VAE; bf16)."""
+    from tests.hostile_helpers import build_tiny_files
+
+    return build_tiny_files(tiny_model, tmp_path_factory.mktemp("tiny-files"))

@@ -56,7 +56,7 @@ def test_file_round_trip_and_bad_files(calibration, tmp_path):
     assert Calibration.load(path) == cal
     assert json.loads(path.read_text())["input_scales"] == pytest.approx(cal.input_scales())
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(CalibrationError, match="invalid JSON"):
+    with pytest.raises(CalibrationError, match="not valid JSON"):
         Calibration.load(tmp_path / "bad.json")
     (tmp_path / "other.json").write_text('{"format": "something-else"}')
     with pytest.raises(CalibrationError, match="not an sd3fp8 calibration file"):

@@ -79,7 +79,7 @@ def test_lying_headers(tmp_path, header, data, message):
 def test_garbage_and_missing_files(tmp_path):
     path = tmp_path / "g.safetensors"
     path.write_bytes(struct.pack("<Q", 5) + b"{{{{{")
-    with pytest.raises(ModelLoadError, match="not JSON"):
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
         read_header(path)
     path.write_bytes(b"\xff" * 64)
     with pytest.raises(ModelLoadError, match="not a safetensors file, or truncated"):

@@ -278,7 +278,7 @@ def header_says_e5m2(metadata):
     (lambda t: t.update({FC1 + ".weight_scale": torch.ones(128)}), None, rf"layer '{FC1}' .*weight_scale is F32 \[128\]"),
     (lambda t: t.pop(FC1 + ".weight_scale"), None, rf"layer '{FC1}' .*no weight_scale"),
     (lambda t: t.update({"nope.comfy_quant": entry_tensor({"format": "float8_e4m3fn"})}), None, "layer 'nope' .*holds no weight"),
-    (lambda t: t.update({FC1 + ".comfy_quant": torch.tensor([1, 2, 255], dtype=torch.uint8)}), None, "not UTF-8 JSON"),
+    (lambda t: t.update({FC1 + ".comfy_quant": torch.tensor([1, 2, 255], dtype=torch.uint8)}), None, "not UTF-8 text"),
 ])
 def test_declared_and_stored_formats_must_agree(comfy_quant_file, tmp_path, edit_tensors, edit_metadata, message, capsys):
     from sd3fp8 import cli

@@ -15,3 +15,12 @@ class NonFiniteWeightError(SD3FP8Error, ValueError):
 
 class ModelLoadError(SD3FP8Error):
     """A model path or file cannot be read as an SD3 model."""
+
+
+class FileAccessError(SD3FP8Error):
+    """The operating system refused a read or write (read-only disk, full disk, bad path); the
+    message names the path and the cause."""
+
+
+class ResourceError(SD3FP8Error):
+    """A request that cannot fit this machine (memory), refused before anything is allocated."""

@@ -10,7 +10,6 @@ import dataclasses
 import enum
 import fnmatch
 import json
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,23 +150,25 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
-        """Read a policy from a .json or .toml file; unknown fields are errors."""
+        """Read a policy from a .json or .toml file; unknown fields and wrong types are errors."""
+        from sd3fp8.io import schemas
+        from sd3fp8.io.safe_read import parse_json, parse_toml, read_text
+
         path = Path(path)
+        text = read_text(path, "policy", ConfigError)
+        source = f"policy file {path}"
+        data = parse_toml(text, source, ConfigError) if path.suffix == ".toml" else parse_json(text, source, ConfigError)
+        fields = schemas.policy(data, source)
         try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read policy file {path}: {e.strerror}") from None
-        try:
-            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"policy file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
-        try:
-            return cls.from_dict(data, str(path))
+            return cls.from_dict(fields, str(path))
         except ConfigError as e:
             raise ConfigError(f"policy file {path}: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from sd3fp8.io.atomic import atomic_write
+
+        with atomic_write(path, "w") as f:
+            f.write(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def __str__(self) -> str:
         lines = ["component       precision"]

@@ -25,6 +25,12 @@ def make_parser() -> _Parser:
     return parser
 
 
+def one_line(error: Exception) -> str:
+    """The message as one printable line: names from hostile files may hold newlines or lone surrogates."""
+    text = " ".join(str(error).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= 2000 else text[:2000] + " [...]"  # a hostile file's names can be megabytes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -34,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SD3FP8Error as e:
-        print(f"sd3fp8: error: {e}", file=sys.stderr)
+        print(f"sd3fp8: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read or write no command anticipated: still one line, naming the path and cause
+        from sd3fp8.io.oserrors import file_error
+
+        print(f"sd3fp8: error: {one_line(file_error(e, None, 'access'))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sd3fp8: interrupted", file=sys.stderr)

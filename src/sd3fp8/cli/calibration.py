@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from sd3fp8.cli.common import _add_model_options, build_engine, build_policy
 from sd3fp8.errors import ConfigError
+from sd3fp8.io.oserrors import check_output_file
 
 if TYPE_CHECKING:
     from sd3fp8.policy import Policy
@@ -25,6 +26,9 @@ def cmd_calibrate(args) -> int:
         raise ConfigError("calibrate records a high-precision transformer: --precision bf16, fp16 or fp32")
     if args.keep_budget is not None and not args.sensitivity:
         raise ConfigError("--keep-budget needs the sensitivity ranking: add --sensitivity")
+    for out in (args.out, args.policy_out or args.out.with_suffix(".policy.json") if args.keep_budget is not None else None):
+        if out is not None:
+            check_output_file(out)  # before the calibration runs, not after
     base = build_policy(args)  # the FP8 deployment policy the sensitivity and budget are about
     if not base.transformer.is_fp8:
         base = base.replace(transformer="fp8-e4m3")
@@ -73,6 +77,7 @@ def cmd_policy(args) -> int:
         return 0
     if args.keep_budget is None or args.out is None:
         raise ConfigError("with --calibration, give --keep-budget P and --out FILE")
+    check_output_file(args.out)
     write_budget_policy(Calibration.load(args.calibration), base, args.keep_budget, args.out)
     return 0
 

@@ -66,17 +66,19 @@ def cmd_quantize(args) -> int:
     )
     if not args.src.is_file():
         raise ConfigError(f"{args.src} is not a file (quantize takes a single .safetensors checkpoint)")
-    bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize", disable=args.quiet)
+    bar = None
 
     def on_progress(done, total):
-        bar.total = total
+        nonlocal bar  # created at the first byte written: a refusal before that prints one line only
+        bar = bar or tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize", disable=args.quiet)
         bar.n = done
         bar.refresh()
 
     try:
         path = quantize_file(args.src, args.out, options, on_progress)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, from {args.src.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

@@ -54,6 +54,7 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from sd3fp8.engine.pnginfo import save_png
+    from sd3fp8.io.oserrors import check_output_file
 
     if args.from_png is not None:
         apply_png_parameters(args)
@@ -61,6 +62,8 @@ def cmd_generate(args) -> int:
         raise ConfigError("give a prompt (or --from-png FILE)")
     request = request_from_args(args)  # cheap checks first: a bad option should not cost a model load
     paths = output_paths(args.out, request.seed, [request.batch_index + i for i in range(request.batch)])
+    for path in paths:  # minutes of generation must not end in "read-only file system"
+        check_output_file(path, (request.width or 1024) * (request.height or 1024) * 3 + 2**16)  # a PNG is at most raw RGB
     engine = build_engine(args)
     bar = None
 

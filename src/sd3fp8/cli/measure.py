@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sd3fp8.cli.common import parse_size
 from sd3fp8.errors import ConfigError
+from sd3fp8.io.oserrors import check_output_file
 
 
 def cmd_eval(args) -> int:
@@ -28,6 +29,7 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     model = args.model if args.model is not None else default_model_path()
     check_model_folder(model)
+    check_output_file(args.out / "eval.json")  # the report folder, before the runs
     prompts = read_prompts(args.prompts) if args.prompts else default_prompts(model, args.count)
     candidates = tuple(c for c in args.candidates.split(",") if c.strip())
     for spec in (args.reference, *candidates):
@@ -56,6 +58,7 @@ def cmd_bench(args) -> int:
         raise ConfigError(f"--synthetic must be one of {', '.join(SYNTHETIC)}")
     if args.steps is not None and args.steps < 2 and not args.synthetic:
         raise ConfigError("--steps must be >= 2: per-step latency is measured between steps")
+    check_output_file(args.out / "bench.json")  # the report folder, before the runs
     prompts = ()
     if not args.synthetic:
         model = args.model if args.model is not None else default_model_path()

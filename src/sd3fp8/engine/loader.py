@@ -4,7 +4,6 @@ apply a calibration, and read the model's generation defaults."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from sd3fp8.errors import ConfigError
 from sd3fp8.fp8.calibration import Calibration, apply_calibration
 from sd3fp8.fp8.linear import ClipCounter, resolve_backend
 from sd3fp8.fp8.swap import fp8_layers as fp8_layers_of
+from sd3fp8.io import schemas
 from sd3fp8.io.components import FileSource
 from sd3fp8.policy import COMPONENTS, Policy, Precision
 from sd3fp8.runtime import RuntimeConfig, resolve_compute_dtype, resolve_device
@@ -26,8 +26,9 @@ def load_engine_parts(path, policy: Policy, runtime: RuntimeConfig, transformer_
     """The keyword arguments of SD3FP8Pipeline(...) for a model at ``path`` (see from_pretrained)."""
     from diffusers import StableDiffusion3Pipeline
 
-    from sd3fp8.engine.pipeline import check_model_folder
+    from sd3fp8.io.folders import check_model_folder
     from sd3fp8.io.loading import LoadSettings, effective_policy, load_component, load_scheduler, load_tokenizers
+    from sd3fp8.io.preflight import check_before_loading
     from sd3fp8.io.sources import resolve_sources
 
     device = resolve_device(runtime.device)
@@ -42,6 +43,7 @@ def load_engine_parts(path, policy: Policy, runtime: RuntimeConfig, transformer_
     if transformer_file is not None:
         sources = dataclasses.replace(sources, files={**sources.files, "transformer": FileSource(Path(transformer_file))})
     policy = effective_policy(policy, sources)
+    check_before_loading(sources, policy, device, compute_dtype, runtime.offload)  # fit and memory, from configs
     settings = LoadSettings(device, compute_dtype, runtime.backend, runtime.force_fp8, runtime.activation)
     with_t5 = policy.text_encoder_3 is not Precision.OFF
     tokenizer_set = load_tokenizers(sources, with_t5)
@@ -81,7 +83,7 @@ def transformer_config(sources, pipe, key: str):
     value = sources.mmdit.mmdit_config.get(key) if sources.mmdit else None
     if value is None:
         value = (getattr(pipe.transformer.config, key) if pipe.transformer is not None
-                 else json.loads((sources.folder / "transformer" / "config.json").read_text())[key])
+                 else schemas.transformer_config(sources.folder / "transformer" / "config.json")[key])
     return value
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import threading
 import time
@@ -24,9 +23,9 @@ from torch import nn
 from sd3fp8.engine.denoise import Conditioning, scheduler_shift, transformer_predictor
 from sd3fp8.engine.request import RECIPE_FILE, GenerationRequest, Recipe
 from sd3fp8.engine.text import ENCODINGS, TextMode, layout_of
-from sd3fp8.errors import ModelLoadError
 from sd3fp8.fp8.linear import resolve_backend
 from sd3fp8.fp8.swap import fp8_layers as fp8_layers_of
+from sd3fp8.io.folders import check_model_folder
 from sd3fp8.policy import COMPONENTS, Policy, Precision
 from sd3fp8.runtime import RuntimeConfig
 from sd3fp8.sampling import Cond, FlowSampling, LatentFormat, cfg_denoiser, initial_noise, sample, sigmas_for
@@ -37,26 +36,6 @@ __all__ = ["RECIPE_FILE", "GenerationRequest", "GenerationResult", "Recipe", "Ru
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 log = logging.getLogger(__name__)
-def check_model_folder(path: Path) -> dict:
-    """Validate a diffusers SD3 folder and return its model_index.json."""
-    if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist")
-    index = path / "model_index.json"
-    if not path.is_dir() or not index.is_file():
-        raise ModelLoadError(f"{path} is not a diffusers model folder (no model_index.json)")
-    try:
-        data = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{index} is not valid JSON: {e}") from None
-    if data.get("_class_name") != "StableDiffusion3Pipeline":
-        raise ModelLoadError(f"{path} holds a {data.get('_class_name')!r}, not a StableDiffusion3Pipeline")
-    missing = [c for c in ("transformer", "vae", "scheduler") if not (path / c).is_dir()]
-    if missing:
-        raise ModelLoadError(f"{path} lacks component folder(s): {', '.join(missing)}")
-    return data
-
-
-
 @dataclasses.dataclass
 class GenerationResult:
     images: list  # PIL images, or float32 latents [C, h, w] for output="latent"

@@ -9,6 +9,7 @@ from PIL import Image, PngImagePlugin
 
 from sd3fp8.errors import SD3FP8Error
 from sd3fp8.io.atomic import atomic_write
+from sd3fp8.io.safe_read import parse_json
 
 PARAMETERS_KEY = "sd3fp8"  # full JSON, read back by read_parameters
 A1111_KEY = "parameters"  # the human-readable line many image browsers show
@@ -48,4 +49,4 @@ def read_parameters(path: str | Path) -> dict:
         text = image.text.get(PARAMETERS_KEY) if hasattr(image, "text") else None
     if text is None:
         raise SD3FP8Error(f"{path} carries no sd3fp8 generation parameters")
-    return json.loads(text)
+    return parse_json(text, f"{path}: sd3fp8 parameters", SD3FP8Error)

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from sd3fp8.errors import ConfigError
+from sd3fp8.sampling.noise import check_seed
 
 MAX_SIDE = 4096  # pixels; SD3.5 is trained up to ~1.5 MP, beyond this is a typo, not a request
 MAX_BATCH = 64
 MAX_STEPS = 1000
 MAX_CFG = 100.0
 MAX_SEED = 2**64 - 1  # ComfyUI's range: 0 .. 2^64-1
+MAX_PROMPT_CHARS = 100_000  # tokenizers truncate at a few hundred tokens; beyond this is a mistake
 RECIPE_FILE = "sd3fp8.json"  # optional per-model defaults (steps, cfg, size) beside model_index.json
 
 
@@ -72,6 +74,9 @@ class GenerationRequest:
         prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ConfigError("prompt must be a string or a non-empty list of strings")
+        for text in prompts:
+            check_prompt(text)
+        check_prompt(self.negative_prompt, "negative prompt")
         object.__setattr__(self, "prompt", prompts[0] if len(prompts) == 1 and isinstance(self.prompt, str) else prompts)
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ConfigError(f"negative prompt must be a string, got {type(self.negative_prompt).__name__}")
@@ -111,8 +116,7 @@ def check_request_numbers(steps, cfg, width, height, batch, seed=0) -> None:
     for name, side in (("width", width), ("height", height)):
         if side is not None and (not _is_int(side) or side < 16 or side % 16 or side > MAX_SIDE):
             raise ConfigError(f"{name} must be a multiple of 16 in 16..{MAX_SIDE}, got {side!r}")
-    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"seed must be an integer in 0..2^64-1, got {seed!r}")
+    check_seed(seed)
 
 
 def check_sampling_numbers(shift, denoise, batch_index, batch) -> None:
@@ -126,12 +130,12 @@ def check_sampling_numbers(shift, denoise, batch_index, batch) -> None:
 
 
 def read_recipe(path: Path, default_side: int) -> Recipe:
-    import json
+    from sd3fp8.io import schemas
 
     data = {"width": default_side, "height": default_side}
     recipe_file = path / RECIPE_FILE
     if recipe_file.is_file():
-        data.update(json.loads(recipe_file.read_text()).get("defaults", {}))
+        data.update(schemas.recipe(recipe_file)["defaults"])
     return Recipe(**{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(Recipe)}})
 
 
@@ -143,3 +147,20 @@ VARIANT_RECIPES = {"SD3 Medium": {"steps": 28, "cfg": 7.0}, "SD3.5 Medium": {"st
 
 def variant_recipe(variant: str, default_side: int) -> Recipe:
     return Recipe(**VARIANT_RECIPES.get(variant, {}), width=default_side, height=default_side)
+
+
+# Prompts must be text: the command line turns bytes that are not UTF-8 into lone surrogates
+# (U+DC80..U+DCFF), which tokenizers crash on.
+def check_prompt(text, what: str = "prompt") -> None:
+    if text is None and what != "prompt":
+        return
+    if not isinstance(text, str):
+        raise ConfigError(f"the {what} must be text, got {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ConfigError(f"the {what} is {len(text)} characters long (at most {MAX_PROMPT_CHARS})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # only surrogates (U+D800..U+DFFF) have no UTF-8
+        code = ord(text[e.start])
+        hint = " (a byte that is not UTF-8 on the command line?)" if code >= 0xDC80 else ""
+        raise ConfigError(f"the {what} holds the invalid code point U+{code:04X} at position {e.start}{hint}") from None

@@ -71,11 +71,13 @@ def parse_config(spec: str) -> EvalConfig:
 
 
 def read_prompts(path: Path) -> list[str]:
-    try:
-        lines = [line.strip() for line in Path(path).read_text().splitlines()]
-    except OSError as e:
-        raise ConfigError(f"cannot read prompts file {path}: {e.strerror}") from None
+    from sd3fp8.engine.request import check_prompt
+    from sd3fp8.io.safe_read import read_text
+
+    lines = [line.strip() for line in read_text(path, "prompts", ConfigError).splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
+    for i, prompt in enumerate(prompts):
+        check_prompt(prompt, f"prompt {i + 1} of {path}")
     if not prompts:
         raise ConfigError(f"prompts file {path} holds no prompts")
     return prompts
@@ -101,8 +103,10 @@ def calibration_prompts(model_path: Path, count: int = 32) -> list[str]:
 
 
 def model_world(model_path: Path) -> str | None:
+    from sd3fp8.io import schemas
+
     recipe = model_path / RECIPE_FILE
-    return json.loads(recipe.read_text()).get("world") if recipe.is_file() else None
+    return schemas.recipe(recipe)["world"] if recipe.is_file() else None
 
 
 @dataclasses.dataclass

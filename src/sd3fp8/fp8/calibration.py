@@ -78,7 +78,7 @@ class Calibration:
     def __post_init__(self):
         if self.method not in ("max", "percentile"):
             raise CalibrationError(f"unknown calibration method {self.method!r}: expected max or percentile")
-        if self.method == "percentile" and f"p{self.percentile:g}" not in _percentile_keys():
+        if self.method == "percentile" and not (isinstance(self.percentile, (int, float)) and f"p{self.percentile:g}" in _percentile_keys()):
             raise CalibrationError(f"percentile must be one of {', '.join(f'{p:g}' for p in PERCENTILES)}, got {self.percentile}")
 
     def input_scales(self) -> dict[str, float]:
@@ -95,29 +95,21 @@ class Calibration:
         return {"format": FORMAT, "version": VERSION, **data, "input_scales": self.input_scales()}
 
     def save(self, path: str | Path) -> Path:
-        return write_json_atomic(Path(path), self.to_dict())
+        from sd3fp8.io import schemas
+
+        data = self.to_dict()
+        # what we write must load back: the same checks as load (NaN statistics are refused here)
+        schemas.calibration(json.loads(json.dumps(data)), f"calibration for {path}", CalibrationError)
+        return write_json_atomic(Path(path), data)
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
+        """Read a calibration file; every value is checked (NaN, negative ranges, wrong types refused)."""
+        from sd3fp8.io import schemas
+        from sd3fp8.io.safe_read import read_json
+
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as e:
-            raise CalibrationError(f"cannot read calibration file {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise CalibrationError(f"{path} is not a calibration file (invalid JSON: {e})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise CalibrationError(f"{path} is not an sd3fp8 calibration file")
-        if data.get("version") != VERSION:
-            raise CalibrationError(f"{path}: calibration format version {data.get('version')} is not supported (expected {VERSION})")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        try:
-            values = {k: v for k, v in data.items() if k in fields}
-            for k in ("prompts", "seeds", "size", "timesteps", "sensitivity"):
-                values[k] = tuple(values.get(k, ()))
-            return cls(**values)
-        except TypeError as e:
-            raise CalibrationError(f"{path}: malformed calibration file ({e})") from None
+        return cls(**schemas.calibration(read_json(path, "calibration", CalibrationError), f"calibration file {path}", CalibrationError))
 
     def check_model(self, transformer: nn.Module, source: str = "this model") -> None:
         self.check_fingerprint(model_fingerprint(transformer), source)

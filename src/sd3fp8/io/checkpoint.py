@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import json
 import math
 import struct
 from pathlib import Path
@@ -14,8 +13,13 @@ from pathlib import Path
 import torch
 
 from sd3fp8.errors import ModelLoadError
+from sd3fp8.io.oserrors import os_errors
+from sd3fp8.io.safe_read import parse_json
+from sd3fp8.io.schemas import safetensors_metadata
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+MAX_DIMS = 32
+INT64_MAX = 2**63 - 1
 DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
     "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
@@ -64,7 +68,7 @@ def _refuse_non_safetensors(path: Path, head: bytes) -> None:
 def read_header(path: str | Path) -> Header:
     """Parse and validate a safetensors header: every tensor's dtype, shape and byte range."""
     path = Path(path)
-    try:
+    with os_errors(path, "read", ModelLoadError):
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
@@ -75,39 +79,55 @@ def read_header(path: str | Path) -> Header:
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
                 raise ModelLoadError(f"{path}: not a safetensors file, or truncated (header length {header_len}, file {size} bytes)")
             raw = f.read(header_len)
-    except OSError as e:
-        raise ModelLoadError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelLoadError(f"{path}: corrupt safetensors header (not JSON)") from None
+    return parse_header(raw, path, 8 + header_len, size - 8 - header_len)
+
+
+def parse_header(raw: bytes, path: Path, data_start: int, data_len: int) -> Header:
+    """The header's JSON (``raw``) checked against the safetensors format and the data section's length."""
+    header = parse_json(raw, f"{path}: corrupt safetensors header", ModelLoadError)
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", {}) or {}
-    data_start, data_len = 8 + header_len, size - 8 - header_len
+    metadata = safetensors_metadata(header.pop("__metadata__", None), str(path))
     tensors, ranges = {}, []
     for name, entry in header.items():
-        try:
-            dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ModelLoadError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if dtype_name not in DTYPES:
-            raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (isinstance(begin, int) and isinstance(end, int)):
-            raise ModelLoadError(f"{path}: tensor {name!r} has an invalid shape or offsets")
-        info = TensorInfo(DTYPES[dtype_name], shape, (begin, end))
-        expected = info.numel * torch.empty((), dtype=info.dtype).element_size()
-        if not 0 <= begin <= end or end - begin != expected:
-            raise ModelLoadError(f"{path}: tensor {name!r} header lies: {end - begin} bytes for shape {list(shape)} {dtype_name} ({expected} expected)")
-        if end > data_len:
-            raise ModelLoadError(f"{path}: truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte data section")
+        info = _tensor_info(name, entry, path)
+        if info.offsets[1] > data_len:
+            raise ModelLoadError(f"{path}: truncated: tensor {name!r} ends at byte {info.offsets[1]} of a {data_len}-byte data section")
         tensors[name] = info
-        ranges.append((begin, end, name))
+        ranges.append((*info.offsets, name))
     ranges.sort()
     for (_, e0, n0), (b1, _, n1) in zip(ranges, ranges[1:]):
         if b1 < e0:
             raise ModelLoadError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
-    return Header(path, tensors, dict(metadata), data_start)
+    return Header(path, tensors, metadata, data_start)
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX
+
+
+def _tensor_info(name: str, entry, path: Path) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape torch can hold, offsets matching the shape."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise ModelLoadError(f"{path}: tensor {name!r} has a malformed header entry")
+    dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        shown = repr(dtype_name) if isinstance(dtype_name, str) else f"of type {type(dtype_name).__name__}"
+        raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {shown}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_index(d) for d in shape):
+        raise ModelLoadError(f"{path}: tensor {name!r} has an invalid shape (a list of at most {MAX_DIMS} sizes in 0..2^63-1)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets) or offsets[0] > offsets[1]:
+        raise ModelLoadError(f"{path}: tensor {name!r} has invalid offsets (two byte positions, begin <= end)")
+    dtype = DTYPES[dtype_name]
+    # torch computes strides as products of the sizes (zeros counted as one): they must fit int64
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > INT64_MAX:
+        raise ModelLoadError(f"{path}: tensor {name!r} has shape {shape}, beyond what int64 sizes can address")
+    info = TensorInfo(dtype, tuple(shape), (offsets[0], offsets[1]))
+    expected = info.numel * dtype.itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise ModelLoadError(f"{path}: tensor {name!r} header lies: {offsets[1] - offsets[0]} bytes for shape {shape} "
+                             f"{dtype_name} ({expected} expected)")
+    return info
 
 
 @functools.lru_cache(maxsize=1)
@@ -136,7 +156,8 @@ class LazyTensors:
     def __init__(self, path: str | Path):
         self.header = read_header(path)
         return_freed_memory_to_os()
-        self._file = open(self.header.path, "rb")
+        with os_errors(self.header.path, "read", ModelLoadError):
+            self._file = open(self.header.path, "rb")
 
     def __enter__(self):
         return self
@@ -158,7 +179,9 @@ class LazyTensors:
             raise ModelLoadError(f"{self.header.path}: missing tensor {name!r}")
         data = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
-            self._file.seek(self.header.data_start + info.offsets[0])
-            if self._file.readinto(memoryview(data.numpy())) != info.nbytes:
+            with os_errors(self.header.path, "read", ModelLoadError):
+                self._file.seek(self.header.data_start + info.offsets[0])
+                got = self._file.readinto(memoryview(data.numpy()))
+            if got != info.nbytes:
                 raise ModelLoadError(f"{self.header.path}: truncated while reading tensor {name!r}")
         return data.view(info.dtype).reshape(info.shape)

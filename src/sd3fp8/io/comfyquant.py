@@ -34,6 +34,7 @@ from sd3fp8.errors import ModelLoadError
 from sd3fp8.fp8.numerics import FP8Format, Granularity
 from sd3fp8.io.checkpoint import DTYPE_NAMES, Header, LazyTensors
 from sd3fp8.io.layouts import MMDIT_PREFIX
+from sd3fp8.io.safe_read import parse_json
 
 HEADER_KEY = "_quantization_metadata"
 ENTRY_SUFFIX = ".comfy_quant"
@@ -75,10 +76,7 @@ def header_value(layers: dict[str, dict]) -> str:
 
 
 def _decode(raw: bytes | str, where: str) -> dict:
-    try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelLoadError(f"{where} is not UTF-8 JSON") from None
+    value = parse_json(raw, where, ModelLoadError)  # the one safe reader: depth, size, numbers, UTF-8
     if not isinstance(value, dict):
         raise ModelLoadError(f"{where} is not a JSON object")
     return value

@@ -14,6 +14,7 @@ from sd3fp8.fp8.numerics import is_fp8
 from sd3fp8.fp8.swap import quantize_linears
 from sd3fp8.io.checkpoint import read_header
 from sd3fp8.io.components import load_clip, load_t5, load_vae
+from sd3fp8.io.folders import check_component_folder
 from sd3fp8.io.singlefile import FP8Recipe, load_mmdit
 from sd3fp8.io.sources import ModelSources
 from sd3fp8.policy import Policy, Precision
@@ -54,8 +55,8 @@ def _quiet_from_pretrained(load, *args, **kwargs):
         warnings.filterwarnings("ignore", message=".*torch_dtype.*")
         try:
             return load(*args, **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ModelLoadError(f"cannot load {args[0]}: {e}") from None
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:  # library errors, in one line
+            raise ModelLoadError(f"cannot load {args[0]}: {' '.join(str(e).split())}") from None
 
 
 def _from_folder(name: str, sources: ModelSources, dtype: torch.dtype):
@@ -63,13 +64,13 @@ def _from_folder(name: str, sources: ModelSources, dtype: torch.dtype):
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     folder = sources.folder / name
-    if not folder.is_dir():
-        raise ModelLoadError(f"{sources.folder} has no {name}/ folder")
+    check_component_folder(folder)  # no pickles, valid headers and JSON: before the library reads anything
+    safe = {"torch_dtype": dtype, "local_files_only": True, "use_safetensors": True}
     if name in ("transformer", "vae"):
         cls = SD3Transformer2DModel if name == "transformer" else AutoencoderKL
-        return _quiet_from_pretrained(cls.from_pretrained, sources.folder, subfolder=name, torch_dtype=dtype, local_files_only=True)
+        return _quiet_from_pretrained(cls.from_pretrained, sources.folder, subfolder=name, **safe)
     cls = T5EncoderModel if name == "text_encoder_3" else CLIPTextModelWithProjection
-    return _quiet_from_pretrained(cls.from_pretrained, folder, torch_dtype=dtype, local_files_only=True)
+    return _quiet_from_pretrained(cls.from_pretrained, folder, **safe)
 
 
 def load_component(name: str, sources: ModelSources, policy: Policy, settings: LoadSettings, tokenizers: dict):
@@ -108,6 +109,7 @@ def load_tokenizers(sources: ModelSources, with_t5: bool) -> dict:
     out = {}
     for name in ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if with_t5 else ()):
         folder = folders[name]
+        check_component_folder(folder)
         if name == "tokenizer_3":
             out[name] = _quiet_from_pretrained(T5TokenizerFast.from_pretrained, folder, local_files_only=True)
             continue
@@ -124,5 +126,6 @@ def load_scheduler(sources: ModelSources):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if sources.folder is not None:
+        check_component_folder(sources.folder / "scheduler")
         return _quiet_from_pretrained(FlowMatchEulerDiscreteScheduler.from_pretrained, sources.folder, subfolder="scheduler")
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3 / SD3.5's scheduler

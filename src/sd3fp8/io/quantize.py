@@ -37,7 +37,9 @@ from sd3fp8.io import comfyquant
 from sd3fp8.io.atomic import atomic_write
 from sd3fp8.io.checkpoint import DTYPE_NAMES, Header, LazyTensors
 from sd3fp8.io.detection import COMPONENT_PREFIXES, detect
+from sd3fp8.io.fp8_targets import loader_dequantizes
 from sd3fp8.io.layouts import MMDIT_PREFIX, original_module_to_diffusers
+from sd3fp8.io.oserrors import check_output_file
 from sd3fp8.policy import Policy, Precision, matches
 
 FORMAT_VERSION = "2"  # 2: per-layer comfy_quant entries (sd3fp8, comfy-quant); 1: sd3fp8 files with weight_scale only
@@ -117,13 +119,16 @@ def plan(header: Header, options: QuantizeOptions) -> list[Planned]:
     if options.format == "comfy" and detection.kind == "mmdit-original":
         out.append(Planned(f"{mmdit_prefix}scaled_fp8", "", options.fp8.dtype, (0,), "marker"))
     for name, info in header.tensors.items():
+        fp8 = False  # decided anew for every tensor: a value carried over wrote CLIP-G's embeddings as FP8
         if info.dtype not in (torch.float32, torch.float16, torch.bfloat16) or len(info.shape) != 2:
-            fp8 = False
+            pass
         elif detection.kind == "mmdit-original" and name.startswith(mmdit_prefix) and name.endswith(".weight") and \
                 not any(name.startswith(p) for p in COMPONENT_PREFIXES.values()):
             fp8 = _mmdit_layer_is_fp8(name[len(mmdit_prefix):-len(".weight")], num_layers, keep_mmdit)
         elif options.t5 == "fp8" and (detection.kind == "t5-xxl" or name.startswith(t5_prefix) and t5_prefix):
             fp8 = name.endswith(T5_LINEAR_SUFFIXES) and not matches(name[len(t5_prefix):-len(".weight")], policy.encoder_exclude)
+        if fp8 and not loader_dequantizes(name, detection, mmdit_prefix):
+            raise ModelLoadError(f"refusing to write {name!r} as FP8: no loader applies its scale (a bug: please report it)")
         if fp8:
             rows = info.shape[0]
             scale_shape = (rows,) if options.granularity is Granularity.CHANNEL else ()
@@ -137,6 +142,9 @@ def plan(header: Header, options: QuantizeOptions) -> list[Planned]:
             out.append(Planned(name, name, info.dtype, info.shape, "copy"))
     if options.t5 == "fp8" and not any(p.role == "weight" and (p.name.startswith(t5_prefix) if t5_prefix else detection.kind == "t5-xxl") for p in out):
         raise ConfigError(f"--t5 fp8: {header.path} holds no T5-XXL encoder")
+    if not any(p.role == "weight" for p in out):
+        raise ConfigError(f"nothing to quantize: {header.path} holds {detection.describe()} and no tensor of it goes FP8 "
+                          "(quantize converts SD3 MMDiT layers the policy makes FP8, and T5-XXL encoders with --t5 fp8)")
     return out
 
 
@@ -270,6 +278,7 @@ def quantize_file(src: str | Path, dst: str | Path, options: QuantizeOptions = Q
     src, dst = Path(src), Path(dst)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ConfigError(f"refusing to overwrite the source {src}")
+    check_output_file(dst)  # a directory, a file on its path, a read-only disk: said before any work
     if dst.exists() and not options.force:
         raise ConfigError(f"{dst} exists: pass --force to overwrite it")
     if dst.suffix != ".safetensors":
@@ -279,6 +288,7 @@ def quantize_file(src: str | Path, dst: str | Path, options: QuantizeOptions = Q
         if options.calibration is not None:
             check_calibration(files, options.calibration)
         total = sum(_nbytes(p) for p in planned)
+        check_output_file(dst, total)  # a disk too full for the output fails now, not at 90 %
         source_hash = _BackgroundHash(src)
         with atomic_write(dst) as f:
             header = build_header(planned, file_metadata(src, options, planned))

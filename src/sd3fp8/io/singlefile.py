@@ -160,6 +160,8 @@ def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict
     for name, src in sources.items():  # convolutions, norms, embeddings: plain tensors
         if name not in module_names:
             raise ModelLoadError(f"{path}: tensors for {name!r} match no layer of the detected architecture")
+        if src.weight_scale is not None:  # only linears apply scales: anything else would load wrong by its factor
+            raise ModelLoadError(f"{path}: {name!r} carries a weight scale but is not a linear layer; no loader applies it")
         for field in ("weight", "bias"):
             tensor = getattr(src, field)
             if tensor is not None:

@@ -20,7 +20,7 @@ SEED_MAX = 2**64 - 1  # ComfyUI's seed widget range; torch.Generator.manual_seed
 def check_seed(seed) -> int:
     """The seed as an int in [0, 2^64 - 1], else ConfigError naming it."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-        raise ConfigError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
+        raise ConfigError(f"seed must be an integer in 0..{SEED_MAX} (2^64-1, ComfyUI's range), got {seed!r}")
     return seed
 
 
