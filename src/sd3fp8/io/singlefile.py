@@ -17,6 +17,7 @@ from torch import nn
 from sd3fp8.errors import ModelLoadError
 from sd3fp8.fp8.linear import ActivationScaling, Backend, FP8Linear, resolve_backend
 from sd3fp8.fp8.numerics import FP8Format, Granularity, all_finite, dequantize, is_fp8, quantize_weight
+from sd3fp8.fp8.swap import replace_module
 from sd3fp8.io.checkpoint import LazyTensors
 from sd3fp8.io.comfyquant import ENTRY_SUFFIX, LayerQuant, quant_layers
 from sd3fp8.io.detection import detect
@@ -141,9 +142,7 @@ def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict
         if (src.bias is None) != (module.bias is None):
             raise ModelLoadError(f"{path}: bias of {name!r} is {'missing' if src.bias is None else 'unexpected'}")
         if recipe is not None and recipe.keep(name):
-            layer = _fp8_layer(name, module, src, recipe, weights_only, dtype, path)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer)
+            replace_module(model, name, _fp8_layer(name, module, src, recipe, weights_only, dtype, path))
             fp8_names.append(name)
             continue
         own = torch.float32 if name.rpartition(".")[2] in fp32_modules else dtype
