@@ -63,10 +63,7 @@ class GenerationRequest:
         from sd3fp8.engine.text import TextMode
 
         check_sampling_numbers(self.shift, self.denoise, self.batch_index, self.batch)
-        try:
-            object.__setattr__(self, "text_mode", TextMode(self.text_mode))
-        except ValueError:
-            raise ConfigError(f"unknown text mode {self.text_mode!r}: expected comfy or diffusers") from None
+        object.__setattr__(self, "text_mode", TextMode.parse(self.text_mode))
         if self.init_image is not None and not hasattr(self.init_image, "convert"):
             raise ConfigError(f"init image must be a PIL image, got {type(self.init_image).__name__}")
         prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)

@@ -7,13 +7,13 @@ construction; ``forward`` is a few flat lines per backend.
 
 from __future__ import annotations
 
-import enum
 import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sd3fp8.enums import ChoiceEnum
 from sd3fp8.errors import ConfigError
 from sd3fp8.fp8.numerics import FP8Format, Granularity, amax, amax_to_scale, decode, quantize, quantize_weight
 
@@ -66,35 +66,17 @@ class ClipCounter:
         return sorted(rows, key=lambda r: -r["worst_ratio"])
 
 
-class Backend(enum.Enum):
+class Backend(ChoiceEnum, what="backend", aliases={"scaled_mm": "scaled-mm", "weight_only": "weight-only"}):
     AUTO = "auto"
     SCALED_MM = "scaled-mm"  # quantize the activation, FP8 GEMM (torch._scaled_mm)
     WEIGHT_ONLY = "weight-only"  # dequantize the weight on the fly, 16/32-bit GEMM
 
-    @classmethod
-    def parse(cls, name: str | Backend) -> Backend:
-        if isinstance(name, Backend):
-            return name
-        for b in cls:
-            if b.value == str(name).lower().replace("_", "-"):
-                return b
-        raise ConfigError(f"unknown backend {name!r}: expected one of auto, scaled-mm, weight-only")
 
-
-class ActivationScaling(enum.Enum):
+class ActivationScaling(ChoiceEnum, what="activation scaling"):
     """How ``scaled-mm`` scales activations when no static (calibrated) input scale is set."""
 
     TENSOR = "tensor"  # one dynamic amax per call
     ROW = "row"  # one dynamic amax per token (row of the [M, K] input)
-
-    @classmethod
-    def parse(cls, name: str | ActivationScaling) -> ActivationScaling:
-        if isinstance(name, ActivationScaling):
-            return name
-        for a in cls:
-            if a.value == str(name).lower():
-                return a
-        raise ConfigError(f"unknown activation scaling {name!r}: expected 'tensor' or 'row'")
 
 
 def has_fp8_tensor_cores(device: torch.device | str) -> bool:
