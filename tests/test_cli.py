@@ -59,9 +59,6 @@ def test_png_parameters_reproduce_the_image(tiny_model, tmp_path, capsys):
         (["--width", "100"], "width must be a multiple of 16"),
         (["--height", "100000"], "height must be a multiple of 16"),
         (["--steps", "0"], "steps must be"),
-        (["--precision", "int3"], "unknown precision 'int3'"),
-        (["--backend", "tensorrt"], "unknown backend 'tensorrt'"),
-        (["--granularity", "block"], "unknown scale granularity"),
         (["--model", "/nonexistent/model"], "does not exist"),
         (["--offload", "model", "--device", "cpu"], "needs a GPU"),
         (["--out", "x.jpg"], "--out must name a .png"),
@@ -75,6 +72,30 @@ def test_bad_input_is_one_clear_line(tiny_model, tmp_path, capsys, args, message
     assert code == 2
     assert message in stderr and stderr.count("\n") == 1 and "Traceback" not in stderr
     assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("option,value", [("--precision", "int3"), ("--backend", "tensorrt"), ("--granularity", "block"),
+                                          ("--t5", "int8"), ("--dtype", "fp64"), ("--offload", "disk"), ("--activation", "col")])
+def test_enum_options_are_checked_by_the_parser(capsys, option, value):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "x", option, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {option}: invalid choice: '{value}'" in err and err.count("\n") == 1
+
+
+def test_cli_choices_are_the_enums_spellings():
+    from sd3fp8.cli import common, files
+    from sd3fp8.fp8.linear import ActivationScaling, Backend
+    from sd3fp8.fp8.numerics import FP8Format, Granularity
+    from sd3fp8.io.quantize import FORMATS
+    from sd3fp8.policy import Precision
+    from sd3fp8.runtime import ComputeDtype, Offload
+
+    assert set(common.PRECISIONS) <= set(Precision.choices()) and set(common.T5_PRECISIONS) <= set(Precision.choices())
+    assert set(common.GRANULARITIES) <= set(Granularity.choices()) and set(FP8Format.choices(False)) == {"e4m3", "e5m2"}
+    assert set(common.BACKENDS) == set(Backend.choices(False)) and set(common.ACTIVATIONS) == set(ActivationScaling.choices(False))
+    assert set(common.COMPUTE_DTYPES) == set(ComputeDtype.choices(False)) and set(common.OFFLOADS) == set(Offload.choices(False))
+    assert files.QUANTIZE_FORMATS == FORMATS
 
 
 def test_unknown_option_is_one_line(capsys):
