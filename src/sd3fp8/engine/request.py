@@ -122,14 +122,42 @@ def check_sampling_numbers(shift, denoise, batch_index, batch) -> None:
         raise ConfigError(f"batch index must be an integer in 0..4095, got {batch_index!r}")
 
 
-def read_recipe(path: Path, default_side: int) -> Recipe:
-    import json
+RECIPE_SECTIONS = ("name", "description", "defaults", "world", "training")  # what an sd3fp8.json may hold
 
-    data = {"width": default_side, "height": default_side}
+
+def read_recipe(path: Path, default_side: int) -> Recipe:
+    """The folder's generation defaults (its sd3fp8.json ``defaults``, checked like a request's
+    numbers), the rest from SD3.5's usual ones. An unknown default is an error; an unknown section
+    is logged and ignored (a newer sd3fp8 may write more)."""
+    import json
+    import logging
+
+    data: dict[str, Any] = {"width": default_side, "height": default_side}
     recipe_file = path / RECIPE_FILE
     if recipe_file.is_file():
-        data.update(json.loads(recipe_file.read_text()).get("defaults", {}))
-    return Recipe(**{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(Recipe)}})
+        try:
+            content = json.loads(recipe_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{recipe_file}: not a readable JSON file ({e})") from None
+        defaults = content.get("defaults", {}) if isinstance(content, dict) else None
+        if not isinstance(defaults, dict):
+            raise ConfigError(f"{recipe_file}: expected a JSON object with a 'defaults' object")
+        unknown_sections = sorted(set(content) - set(RECIPE_SECTIONS))
+        if unknown_sections:
+            logging.getLogger(__name__).warning("%s: ignoring unknown section(s) %s", recipe_file, ", ".join(unknown_sections))
+        fields = {f.name for f in dataclasses.fields(Recipe)}
+        unknown = sorted(set(defaults) - fields)
+        if unknown:
+            raise ConfigError(f"{recipe_file}: unknown default(s) {', '.join(unknown)}: expected some of {', '.join(sorted(fields))}")
+        data.update(defaults)
+    recipe = Recipe(**data)
+    try:
+        check_request_numbers(recipe.steps, recipe.cfg, recipe.width, recipe.height, 1)
+    except ConfigError as e:
+        raise ConfigError(f"{recipe_file}: {e}") from None
+    if not _is_int(recipe.max_sequence_length) or not 1 <= recipe.max_sequence_length <= 4096:
+        raise ConfigError(f"{recipe_file}: max_sequence_length must be an integer in 1..4096, got {recipe.max_sequence_length!r}")
+    return recipe
 
 
 # Model-card recipes by architecture (Large and Large Turbo share shapes: Turbo users pass --steps 4 --cfg 1,

@@ -1,5 +1,6 @@
 """Safetensors files, read defensively: the header is validated before any tensor is touched, and
-pickled checkpoints are refused (never unpickled). Tensors are read lazily (memory-mapped)."""
+pickled checkpoints are refused (never unpickled). Tensors are read lazily, one at a time, with
+plain file reads into memory of their own (no memory map: see LazyTensors)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ctypes
 import dataclasses
 import functools
 import json
+import logging
 import math
 import struct
 from pathlib import Path
@@ -15,7 +17,10 @@ import torch
 
 from sd3fp8.errors import ModelLoadError
 
+log = logging.getLogger(__name__)
+
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
     "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
@@ -111,18 +116,25 @@ def read_header(path: str | Path) -> Header:
 
 
 @functools.lru_cache(maxsize=1)
-def return_freed_memory_to_os(threshold: int = 2**20) -> None:
-    """Serve allocations above ``threshold`` bytes with their own memory maps (glibc's mallopt).
+def return_freed_memory_to_os(threshold: int = 2**20) -> bool:
+    """Serve allocations above ``threshold`` bytes with their own memory maps (glibc's mallopt
+    M_MMAP_THRESHOLD), for the whole process, once; logged. Returns whether the setting took effect.
 
     glibc otherwise serves anything under a dynamic threshold (up to 32 MB) from its heap and keeps
     freed heap memory: streaming an 8.5 GB FP8 checkpoint's tensors and their temporaries left
-    peak RSS 3 GB above the model's size; with this, 0.7 GB. No-op off glibc.
+    peak RSS 3 GB above the model's size; with this, 0.7 GB. Off glibc there is nothing to set.
     """
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        pass
+        log.info("not glibc: the malloc mmap threshold is left as it is (freed tensor memory may stay in the heap)")
+        return False
+    if mallopt(M_MMAP_THRESHOLD, threshold) != 1:
+        log.warning("glibc refused M_MMAP_THRESHOLD=%d: freed tensor memory may stay in the process heap", threshold)
+        return False
+    log.info("set glibc's M_MMAP_THRESHOLD to %d bytes for this process: memory of tensors read from files goes back to "
+             "the OS when freed", threshold)
+    return True
 
 
 class LazyTensors:
@@ -130,7 +142,8 @@ class LazyTensors:
 
     Each ``get`` reads one tensor into its own memory with a plain file read (no memory map): a
     mapped file keeps every page it touched in the process's resident set, so streaming a 16 GB
-    checkpoint through a map would count 16 GB; this way memory is what the caller keeps.
+    checkpoint through a map would count 16 GB; this way memory is what the caller keeps. Opening
+    one sets the process's malloc mmap threshold once (return_freed_memory_to_os, logged).
     """
 
     def __init__(self, path: str | Path):

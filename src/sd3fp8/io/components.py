@@ -3,7 +3,7 @@
 Files carry weights but no configs, so each config is read from the tensors' shapes (width,
 depth, vocabulary, feed-forward size) plus the few facts shapes cannot tell, which are fixed for
 SD3 (64-wide attention heads, CLIP-L's quick-GELU, the VAE's 32 norm groups and latent
-scale/shift). Models are built with empty parameters and given the file's (memory-mapped)
+scale/shift). Models are built with empty parameters and given the file's (read one at a time)
 tensors; FP8 tensors follow the same rules as the MMDiT (see ``singlefile.materialize``).
 """
 

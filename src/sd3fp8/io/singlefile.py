@@ -1,7 +1,7 @@
 """Build an SD3Transformer2DModel from an original-layout single file, in any precision it holds.
 
 The model is built on the ``meta`` device and real tensors are assigned (never allocated twice);
-file tensors are memory-mapped. FP8 weights that the policy keeps FP8 stay byte-identical
+file tensors are read one at a time (io/checkpoint.LazyTensors). FP8 weights that the policy keeps FP8 stay byte-identical
 (a fused ``qkv`` is split with its shared scale); FP8 weights the policy wants in 16 bit are
 dequantized; 16/32-bit weights the policy wants in FP8 are quantized as they are read.
 """
