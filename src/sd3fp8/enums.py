@@ -51,7 +51,7 @@ class _Choice:
 
     @classmethod
     def parse(cls, value: Any) -> Self:
-        return parse_enum(cls, value, cls._what, cls._aliases)  # type: ignore[type-var, return-value]  # cls is an enum subclass
+        return parse_enum(cls, value, cls._what, cls._aliases)  # type: ignore[type-var]  # cls is an enum subclass
 
     @classmethod
     def choices(cls, with_aliases: bool = True) -> list[str]:

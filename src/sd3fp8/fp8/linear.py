@@ -119,6 +119,10 @@ class FP8Linear(nn.Module):
 
     # Tensors whose dtype is the storage format, not the compute dtype: Module.to(dtype) must not cast them.
     _storage_tensors = ("weight", "weight_scale", "input_scale")
+    weight: torch.Tensor  # buffers and parameters, declared for type checkers (nn.Module types attributes loosely)
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -249,7 +253,7 @@ class FP8Linear(nn.Module):
             self.weight.t(),  # column-major [K, N] view of the row-major [N, K] weight
             scale_a=scale_a,
             scale_b=scale_b,
-            bias=self.bias.to(out_dtype) if fused_bias else None,
+            bias=self.bias.to(out_dtype) if fused_bias and self.bias is not None else None,
             out_dtype=out_dtype,
         )
         y = y.to(x.dtype)

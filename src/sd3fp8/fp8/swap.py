@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ def quantize_linears(
     """
     targets = [name for name, m in model.named_modules() if type(m) is nn.Linear and should_quantize(name)]
     for name in targets:
-        linear = model.get_submodule(name)
+        linear = cast(nn.Linear, model.get_submodule(name))  # selected above: exactly nn.Linear
         fp8 = FP8Linear.from_linear(
             linear, fmt, granularity, backend, activation=activation, force_fp8=force_fp8, device=device, name=name
         )
