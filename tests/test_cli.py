@@ -142,3 +142,36 @@ def test_console_entry_point_exits_non_zero_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("sd3fp8: error:") and "Traceback" not in proc.stderr
+
+
+HEAVY = ("torch", "diffusers", "transformers")
+
+
+def imported_after(code: str) -> list[str]:
+    """Heavy libraries a fresh interpreter has imported after running ``code``."""
+    probe = f"import sys\n{code}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return eval(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_cli_starts_without_torch():
+    """`sd3fp8 --help` and argument errors stay fast: importing the CLI and building every parser imports no heavy library."""
+    assert imported_after("import sd3fp8.cli\nsd3fp8.cli.make_parser().parse_args(['generate', 'x'])") == []
+
+
+def test_inspect_file_reads_the_header_without_torch(tmp_path):
+    """`sd3fp8 inspect FILE` (header, detection, per-layer checks) needs neither torch nor diffusers."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    from sd3fp8.io.quantize import QuantizeOptions, quantize_file
+    from tests.test_layouts import original_from_diffusers, tiny_config
+
+    torch.manual_seed(0)
+    source = tmp_path / "mmdit.safetensors"
+    save_file({k: v.contiguous() for k, v in original_from_diffusers(SD3Transformer2DModel(**tiny_config())).items()}, str(source))
+    path = quantize_file(source, tmp_path / "cq.safetensors", QuantizeOptions(format="comfy-quant", granularity="tensor"))
+    code = f"from sd3fp8 import cli\nassert cli.main(['inspect', {str(path)!r}]) == 0"
+    assert imported_after(code) == []

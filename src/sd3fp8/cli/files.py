@@ -43,10 +43,10 @@ def inspect_file(path: Path, as_json: bool) -> int:
 
 
 def cmd_inspect(args) -> int:
+    if args.path is not None and args.path.is_file():
+        return inspect_file(args.path, args.json)  # the header alone: no torch, no diffusers
     from sd3fp8.engine.inspection import format_report, inspect_pipeline
 
-    if args.path is not None and args.path.is_file():
-        return inspect_file(args.path, args.json)
     if args.path is not None:
         args.model = args.path
     report = inspect_pipeline(build_engine(args), layers=args.layers)

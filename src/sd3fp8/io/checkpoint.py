@@ -12,30 +12,64 @@ import logging
 import math
 import struct
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from sd3fp8.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-DTYPES = {
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
-    "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
-    "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+# safetensors dtype -> (bytes per element, torch's name). Headers are read without importing torch
+# (`sd3fp8 inspect FILE` stays fast); TensorInfo.dtype, DTYPES and DTYPE_NAMES give torch dtypes on demand.
+DTYPE_INFO = {
+    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"), "BF16": (2, "bfloat16"), "F16": (2, "float16"),
+    "F32": (4, "float32"), "F64": (8, "float64"), "I8": (1, "int8"), "U8": (1, "uint8"), "I16": (2, "int16"),
+    "I32": (4, "int32"), "I64": (8, "int64"), "BOOL": (1, "bool"),
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@functools.cache
+def _torch_dtypes() -> dict:
+    import torch
+
+    return {name: getattr(torch, torch_name) for name, (_, torch_name) in DTYPE_INFO.items()}
+
+
+def __getattr__(name: str):
+    """DTYPES (safetensors name -> torch dtype) and DTYPE_NAMES (the reverse), built on first use."""
+    if name == "DTYPES":
+        return _torch_dtypes()
+    if name == "DTYPE_NAMES":
+        return {v: k for k, v in _torch_dtypes().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _PICKLE_MAGIC = {b"PK\x03\x04": "a zip archive (torch.save .pt/.ckpt)", b"\x80\x02": "a pickle", b"\x80\x03": "a pickle",
                  b"\x80\x04": "a pickle", b"\x80\x05": "a pickle"}
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    dtype: torch.dtype
+    dtype_name: str  # safetensors' name: F8_E4M3, BF16, F32, ...
     shape: tuple[int, ...]
     offsets: tuple[int, int]  # [begin, end) within the data section
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _torch_dtypes()[self.dtype_name]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_INFO[self.dtype_name][0]
+
+    @property
+    def torch_name(self) -> str:
+        """torch's name of the dtype (float8_e4m3fn, bfloat16, ...), without importing torch."""
+        return DTYPE_INFO[self.dtype_name][1]
 
     @property
     def numel(self) -> int:
@@ -96,12 +130,12 @@ def read_header(path: str | Path) -> Header:
             dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ModelLoadError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if dtype_name not in DTYPES:
+        if dtype_name not in DTYPE_INFO:
             raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
         if not all(isinstance(d, int) and d >= 0 for d in shape) or not (isinstance(begin, int) and isinstance(end, int)):
             raise ModelLoadError(f"{path}: tensor {name!r} has an invalid shape or offsets")
-        info = TensorInfo(DTYPES[dtype_name], shape, (begin, end))
-        expected = info.numel * torch.empty((), dtype=info.dtype).element_size()
+        info = TensorInfo(dtype_name, shape, (begin, end))
+        expected = info.numel * info.itemsize
         if not 0 <= begin <= end or end - begin != expected:
             raise ModelLoadError(f"{path}: tensor {name!r} header lies: {end - begin} bytes for shape {list(shape)} {dtype_name} ({expected} expected)")
         if end > data_len:
@@ -166,12 +200,29 @@ class LazyTensors:
         return self.header.tensors.keys()
 
     def get(self, name: str) -> torch.Tensor:
+        import torch
+
+        info = self._info(name)
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            self._read_into(name, info, memoryview(data.numpy()))
+        return data.view(info.dtype).reshape(info.shape)
+
+    def read_bytes(self, name: str) -> bytes:
+        """A tensor's raw bytes (no torch: for small entries read on header-only paths)."""
+        info = self._info(name)
+        data = bytearray(info.nbytes)
+        if info.nbytes:
+            self._read_into(name, info, memoryview(data))
+        return bytes(data)
+
+    def _info(self, name: str) -> TensorInfo:
         info = self.header.tensors.get(name)
         if info is None:
             raise ModelLoadError(f"{self.header.path}: missing tensor {name!r}")
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
-            self._file.seek(self.header.data_start + info.offsets[0])
-            if self._file.readinto(memoryview(data.numpy())) != info.nbytes:
-                raise ModelLoadError(f"{self.header.path}: truncated while reading tensor {name!r}")
-        return data.view(info.dtype).reshape(info.shape)
+        return info
+
+    def _read_into(self, name: str, info: TensorInfo, buffer: memoryview) -> None:
+        self._file.seek(self.header.data_start + info.offsets[0])
+        if self._file.readinto(buffer) != info.nbytes:
+            raise ModelLoadError(f"{self.header.path}: truncated while reading tensor {name!r}")
