@@ -86,3 +86,17 @@ def test_garbage_and_missing_files(tmp_path):
         read_header(path)
     with pytest.raises(ModelLoadError, match="cannot read"):
         read_header(tmp_path / "none.safetensors")
+
+
+def test_the_malloc_threshold_change_is_logged(caplog):
+    """Reading files changes a process-wide allocator setting: never silently (here called unwrapped of its once-cache)."""
+    import logging
+
+    from sd3fp8.io import checkpoint
+
+    with caplog.at_level(logging.INFO, logger="sd3fp8.io.checkpoint"):
+        took = checkpoint.return_freed_memory_to_os.__wrapped__(2**20)
+    if took:  # glibc
+        assert "set glibc's M_MMAP_THRESHOLD to 1048576 bytes for this process" in caplog.text
+    else:
+        assert "not glibc" in caplog.text or "refused" in caplog.text

@@ -59,9 +59,6 @@ def test_png_parameters_reproduce_the_image(tiny_model, tmp_path, capsys):
         (["--width", "100"], "width must be a multiple of 16"),
         (["--height", "100000"], "height must be a multiple of 16"),
         (["--steps", "0"], "steps must be"),
-        (["--precision", "int3"], "unknown precision 'int3'"),
-        (["--backend", "tensorrt"], "unknown backend 'tensorrt'"),
-        (["--granularity", "block"], "unknown scale granularity"),
         (["--model", "/nonexistent/model"], "does not exist"),
         (["--offload", "model", "--device", "cpu"], "needs a GPU"),
         (["--out", "x.jpg"], "--out must name a .png"),
@@ -75,6 +72,30 @@ def test_bad_input_is_one_clear_line(tiny_model, tmp_path, capsys, args, message
     assert code == 2
     assert message in stderr and stderr.count("\n") == 1 and "Traceback" not in stderr
     assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("option,value", [("--precision", "int3"), ("--backend", "tensorrt"), ("--granularity", "block"),
+                                          ("--t5", "int8"), ("--dtype", "fp64"), ("--offload", "disk"), ("--activation", "col")])
+def test_enum_options_are_checked_by_the_parser(capsys, option, value):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "x", option, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {option}: invalid choice: '{value}'" in err and err.count("\n") == 1
+
+
+def test_cli_choices_are_the_enums_spellings():
+    from sd3fp8.cli import common, files
+    from sd3fp8.fp8.linear import ActivationScaling, Backend
+    from sd3fp8.fp8.numerics import FP8Format, Granularity
+    from sd3fp8.io.quantize import FORMATS
+    from sd3fp8.policy import Precision
+    from sd3fp8.runtime import ComputeDtype, Offload
+
+    assert set(common.PRECISIONS) <= set(Precision.choices()) and set(common.T5_PRECISIONS) <= set(Precision.choices())
+    assert set(common.GRANULARITIES) <= set(Granularity.choices()) and set(FP8Format.choices(False)) == {"e4m3", "e5m2"}
+    assert set(common.BACKENDS) == set(Backend.choices(False)) and set(common.ACTIVATIONS) == set(ActivationScaling.choices(False))
+    assert set(common.COMPUTE_DTYPES) == set(ComputeDtype.choices(False)) and set(common.OFFLOADS) == set(Offload.choices(False))
+    assert files.QUANTIZE_FORMATS == FORMATS
 
 
 def test_unknown_option_is_one_line(capsys):
@@ -121,3 +142,36 @@ def test_console_entry_point_exits_non_zero_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("sd3fp8: error:") and "Traceback" not in proc.stderr
+
+
+HEAVY = ("torch", "diffusers", "transformers")
+
+
+def imported_after(code: str) -> list[str]:
+    """Heavy libraries a fresh interpreter has imported after running ``code``."""
+    probe = f"import sys\n{code}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return eval(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_cli_starts_without_torch():
+    """`sd3fp8 --help` and argument errors stay fast: importing the CLI and building every parser imports no heavy library."""
+    assert imported_after("import sd3fp8.cli\nsd3fp8.cli.make_parser().parse_args(['generate', 'x'])") == []
+
+
+def test_inspect_file_reads_the_header_without_torch(tmp_path):
+    """`sd3fp8 inspect FILE` (header, detection, per-layer checks) needs neither torch nor diffusers."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    from sd3fp8.io.quantize import QuantizeOptions, quantize_file
+    from tests.test_layouts import original_from_diffusers, tiny_config
+
+    torch.manual_seed(0)
+    source = tmp_path / "mmdit.safetensors"
+    save_file({k: v.contiguous() for k, v in original_from_diffusers(SD3Transformer2DModel(**tiny_config())).items()}, str(source))
+    path = quantize_file(source, tmp_path / "cq.safetensors", QuantizeOptions(format="comfy-quant", granularity="tensor"))
+    code = f"from sd3fp8 import cli\nassert cli.main(['inspect', {str(path)!r}]) == 0"
+    assert imported_after(code) == []

@@ -144,10 +144,8 @@ def test_scale_shapes_and_dtype():
     assert math.isclose(s_t.item(), w.float().abs().max().item() / 448, rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("outlier_gain,min_gain_db", [(10.0, -0.2), (1e4, 3.0)])
-def test_per_channel_vs_per_tensor_on_weights_with_outlier_channels(outlier_gain, min_gain_db):
-    """FP8's exponent absorbs moderate channel outliers (per-tensor is about as good at 10x);
-    strong ones push ordinary channels into subnormals, where per-channel scales win clearly."""
+def _ordinary_channel_sqnr(outlier_gain: float) -> dict:
+    """SQNR of the ordinary channels of a weight with 4 outlier channels, per tensor and per channel."""
     torch.manual_seed(0)
     w = torch.randn(256, 512) * 0.02
     outliers = torch.randperm(256)[:4]
@@ -155,11 +153,25 @@ def test_per_channel_vs_per_tensor_on_weights_with_outlier_channels(outlier_gain
     ordinary = torch.ones(256, dtype=torch.bool)
     ordinary[outliers] = False
     errors = {}
-    for g in Granularity:
+    for g in (Granularity.TENSOR, Granularity.CHANNEL):
         w_fp8, scale = quantize_weight(w, FP8Format.E4M3, g)
         back = dequantize(w_fp8, scale.reshape(-1, 1) if scale.dim() else scale)
         errors[g] = sqnr(w[ordinary], back[ordinary])
-    assert errors[Granularity.CHANNEL] - errors[Granularity.TENSOR] > min_gain_db
+    return errors
+
+
+def test_per_channel_scales_win_when_outliers_push_channels_into_subnormals():
+    """Outlier channels 10^4 x the rest: per tensor, ordinary channels fall into E4M3's subnormals;
+    per-channel scales keep them in the normal range (measured 31.6 vs 26.6 dB)."""
+    errors = _ordinary_channel_sqnr(1e4)
+    assert errors[Granularity.CHANNEL] > 30 and errors[Granularity.CHANNEL] - errors[Granularity.TENSOR] > 3
+
+
+def test_fp8_exponent_absorbs_moderate_channel_outliers():
+    """At 10x, FP8 is scale-free within its exponent range: both granularities are the same format
+    error (measured 31.59 vs 31.54 dB); neither may be worse than the other by more than rounding noise."""
+    errors = _ordinary_channel_sqnr(10.0)
+    assert errors[Granularity.CHANNEL] > 30 and abs(errors[Granularity.CHANNEL] - errors[Granularity.TENSOR]) < 0.2
 
 
 def test_format_parsing():

@@ -39,11 +39,12 @@ def test_output_matches_references(backend, force, granularity, dtype, bias, sha
     assert y.shape == (3, 5, shape[1]) and y.dtype == dtype
     runs_fp8_gemm = q.backend is Backend.SCALED_MM
     # vs the dequantized weight in float32: only compute-dtype rounding (weight-only) or the
-    # activation's FP8 rounding (scaled-mm) separates them
-    tight = 25 if runs_fp8_gemm else (80 if dtype == torch.float32 else 40)
+    # activation's FP8 rounding (scaled-mm) separates them. Minimums over these cases (seeded):
+    # scaled-mm 31.2 dB, weight-only bf16 49.9, fp32 131.5; the bounds leave >= 3 dB
+    tight = 28 if runs_fp8_gemm else (80 if dtype == torch.float32 else 45)
     assert sqnr(reference(q, x), y) > tight
-    # vs the original 16/32-bit layer: within FP8 error
-    assert sqnr(lin(x).float(), y) > (24 if runs_fp8_gemm else 28)
+    # vs the original 16/32-bit layer: within FP8 error (minimums 28.2 dB scaled-mm, 31.1 weight-only)
+    assert sqnr(lin(x).float(), y) > (25 if runs_fp8_gemm else 28)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
@@ -130,9 +131,22 @@ def test_dtype_moves_keep_fp8_storage():
 
 
 def test_memory_is_one_byte_per_weight():
-    q = FP8Linear.from_linear(make_linear(64, 48), granularity="channel", backend="weight-only")
-    assert q.weight.element_size() == 1
-    assert q.weight.numel() == 64 * 48 and q.weight_scale.numel() == 48
+    """Everything the layer holds: 1 byte a weight, a float32 scale per channel, the bias; no copy
+    of the 16/32-bit weight kept alive."""
+    import gc
+    import weakref
+
+    from sd3fp8.evalkit.metrics import module_bytes
+
+    linear = make_linear(64, 48, dtype=torch.bfloat16)
+    source = weakref.ref(linear.weight)
+    q = FP8Linear.from_linear(linear, granularity="channel", backend="weight-only")
+    assert module_bytes(q) == 64 * 48 * 1 + 48 * 4 + 48 * 2  # weight, scales, bf16 bias
+    assert module_bytes(q) < 0.55 * module_bytes(linear)
+    assert sum(t.numel() * t.element_size() for t in q.state_dict().values()) == module_bytes(q)
+    linear.weight = None  # the only other reference: the FP8 layer must not hold one
+    gc.collect()
+    assert source() is None
 
 
 def test_nan_weight_names_the_layer():

@@ -5,8 +5,8 @@ import torch
 from sd3fp8 import Policy, RuntimeConfig, SD3FP8Pipeline
 from sd3fp8.engine.inspection import inspect_pipeline
 from sd3fp8.errors import ConfigError, ModelLoadError
+from sd3fp8.evalkit.metrics import psnr, sqnr
 from sd3fp8.fp8.linear import FP8Linear
-from sd3fp8.fp8.numerics import sqnr
 
 FAST = dict(steps=3, cfg=4.0, width=32, height=32)
 
@@ -15,45 +15,53 @@ def pixels(result, i=0):
     return np.asarray(result.images[i], dtype=np.float64)
 
 
-def psnr(a, b):
-    mse = np.mean((a - b) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+SEEDS = (0, 7)  # every case is checked on two seeds: no bound tuned to one
 
 
 @pytest.fixture(scope="module")
-def fp32_reference(tiny_model):
-    engine = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(transformer="fp32"), RuntimeConfig(dtype="fp32"))
-    return engine("a small red circle", seed=7, **FAST)
+def fp32_references(tiny_model):
+    """fp32 images per seed, with and without T5 (dropping T5 changes the conditioning itself)."""
+    out = {}
+    for t5 in ("auto", "off"):
+        engine = SD3FP8Pipeline.from_pretrained(tiny_model, Policy(transformer="fp32", text_encoder_3=t5), RuntimeConfig(dtype="fp32"))
+        out[t5] = {seed: pixels(engine("a small red circle", seed=seed, **FAST)) for seed in SEEDS}
+    return out
 
 
-@pytest.mark.parametrize(
-    "policy,runtime",
-    [
-        (Policy(), RuntimeConfig(dtype="fp32")),
-        (Policy(), RuntimeConfig(dtype="bf16")),
-        (Policy(granularity="tensor"), RuntimeConfig(dtype="fp32", backend="weight-only")),
-        (Policy(), RuntimeConfig(dtype="fp32", force_fp8=True)),
-        (Policy(), RuntimeConfig(dtype="bf16", force_fp8=True, activation="row")),
-        (Policy(transformer="fp8-e5m2"), RuntimeConfig(dtype="fp32")),
-        (Policy(transformer="bf16"), RuntimeConfig()),
-        (Policy(transformer="fp16", text_encoder_3="off"), RuntimeConfig()),
-        (Policy(text_encoder_3="fp8"), RuntimeConfig(dtype="fp32")),
-    ],
-    ids=["fp8-fp32", "fp8-bf16", "fp8-tensor", "scaled-mm", "scaled-mm-row-bf16", "e5m2", "bf16", "fp16-no-t5", "t5-fp8"],
-)
-def test_every_precision_and_backend_generates_close_to_fp32(tiny_model, fp32_reference, policy, runtime):
+# Minimum PSNR vs fp32 measured over seeds 0-5 x 2 prompts on the tiny model; each bound is 5 dB below it.
+# (compute dtypes are pinned: "auto" would depend on the host CPU's bf16 units)
+CASES = {
+    "fp8-fp32": (Policy(), RuntimeConfig(dtype="fp32"), 57.6),
+    "fp8-bf16": (Policy(), RuntimeConfig(dtype="bf16"), 48.0),
+    "fp8-tensor": (Policy(granularity="tensor"), RuntimeConfig(dtype="fp32", backend="weight-only"), 57.8),
+    "scaled-mm": (Policy(), RuntimeConfig(dtype="fp32", force_fp8=True), 53.6),
+    "scaled-mm-row-bf16": (Policy(), RuntimeConfig(dtype="bf16", force_fp8=True, activation="row"), 47.4),
+    "e5m2": (Policy(transformer="fp8-e5m2"), RuntimeConfig(dtype="fp32"), 54.3),
+    "bf16": (Policy(transformer="bf16"), RuntimeConfig(), 47.8),
+    "fp16-no-t5": (Policy(transformer="fp16", text_encoder_3="off"), RuntimeConfig(), 58.4),  # vs fp32 without T5
+    "t5-fp8": (Policy(text_encoder_3="fp8"), RuntimeConfig(dtype="fp32"), 57.2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_precision_and_backend_generates_close_to_fp32(tiny_model, fp32_references, case):
+    policy, runtime, measured = CASES[case]
     engine = SD3FP8Pipeline.from_pretrained(tiny_model, policy, runtime)
-    result = engine("a small red circle", seed=7, **FAST)
-    image = pixels(result)
-    assert image.shape == (32, 32, 3)
-    assert np.isfinite(image).all() and image.std() > 1  # not a blank or NaN image
-    if policy.text_encoder_3.value != "off":  # dropping T5 changes the conditioning itself
-        # random tiny weights: a loose bound that still catches garbage (another seed gives ~15 dB, another prompt ~32 dB)
-        assert psnr(image, pixels(fp32_reference)) > 38
+    references = fp32_references["off" if policy.text_encoder_3.value == "off" else "auto"]
+    for seed in SEEDS:
+        image = pixels(engine("a small red circle", seed=seed, **FAST))
+        assert image.std() > 1  # not a blank image (NaN latents decode to one flat colour)
+        assert measured - 5 < psnr(image, references[seed]) < 100  # close, and really computed in this configuration
 
 
-def test_same_seed_same_image_and_batch_seeds(tiny_model):
-    engine = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=RuntimeConfig(dtype="fp32"))
+@pytest.fixture(scope="module")
+def fp8_engine(tiny_model):
+    """The default FP8 engine in fp32 compute, shared by the tests that only drive it."""
+    return SD3FP8Pipeline.from_pretrained(tiny_model, runtime=RuntimeConfig(dtype="fp32"))
+
+
+def test_same_seed_same_image_and_batch_seeds(fp8_engine):
+    engine = fp8_engine
     a = engine("a blue square", seed=3, batch=2, **FAST)
     b = engine("a blue square", seed=3, **FAST)
     c = engine("a blue square", seed=3, batch_index=1, **FAST)
@@ -80,7 +88,7 @@ def test_fp8_transformer_output_close_to_bf16(tiny_model):
     with torch.no_grad():
         y_ref = ref.component("transformer")(**inputs).sample
         y_fp8 = fp8.component("transformer")(**inputs).sample
-    assert 25 < sqnr(y_ref, y_fp8) < 80  # FP8 error is there, and it is small
+    assert 43 < sqnr(y_ref, y_fp8) < 80  # FP8 error is there, and small: measured 48.1-50.2 dB over input seeds 0-3
 
 
 def test_inspect_shows_fp8_exactly_where_the_policy_says(tiny_model):
@@ -120,10 +128,9 @@ def test_t5_fp8_quantizes_t5_linears_but_not_wo(tiny_model):
     assert isinstance(engine.component("text_encoder_3").get_submodule(names[0]), FP8Linear)
 
 
-def test_callback_reports_every_step(tiny_model):
-    engine = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=RuntimeConfig(dtype="fp32"))
+def test_callback_reports_every_step(fp8_engine):
     seen = []
-    engine("a cat", seed=1, callback=seen.append, **FAST)
+    fp8_engine("a cat", seed=1, callback=seen.append, **FAST)
     assert [s["step"] for s in seen] == [1, 2, 3] and seen[-1]["total"] == 3
 
 
@@ -137,10 +144,9 @@ def test_callback_reports_every_step(tiny_model):
         (dict(cfg=float("nan")), "cfg must be"),
     ],
 )
-def test_bad_requests(tiny_model, kwargs, message):
-    engine = SD3FP8Pipeline.from_pretrained(tiny_model, runtime=RuntimeConfig(dtype="fp32"))
+def test_bad_requests(fp8_engine, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        engine("x", **{**FAST, **kwargs})
+        fp8_engine("x", **{**FAST, **kwargs})
 
 
 def test_bad_model_paths(tmp_path):

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+from sd3fp8.enums import ChoiceEnum
 from sd3fp8.errors import ConfigError
 from sd3fp8.fp8.numerics import FP8Format, Granularity
 
 
-class Precision(enum.Enum):
+class Precision(ChoiceEnum, what="precision", aliases={"fp8": "fp8-e4m3", "e4m3": "fp8-e4m3", "e5m2": "fp8-e5m2", "bfloat16": "bf16",
+                                                       "float16": "fp16", "float32": "fp32", "none": "off"}):
     FP8_E4M3 = "fp8-e4m3"
     FP8_E5M2 = "fp8-e5m2"
     BF16 = "bf16"
@@ -27,18 +29,6 @@ class Precision(enum.Enum):
     FP32 = "fp32"
     AUTO = "auto"  # the pipeline's compute dtype
     OFF = "off"  # component not loaded (T5 only)
-
-    @classmethod
-    def parse(cls, name: str | Precision) -> Precision:
-        if isinstance(name, Precision):
-            return name
-        key = str(name).lower().strip()
-        key = {"fp8": "fp8-e4m3", "e4m3": "fp8-e4m3", "e5m2": "fp8-e5m2", "bfloat16": "bf16",
-               "float16": "fp16", "float32": "fp32", "none": "off"}.get(key, key)
-        for p in cls:
-            if p.value == key:
-                return p
-        raise ConfigError(f"unknown precision {name!r}: expected one of {', '.join(p.value for p in cls)}")
 
     @property
     def is_fp8(self) -> bool:

@@ -8,9 +8,29 @@ from pathlib import Path
 
 import torch
 
+from sd3fp8.enums import ChoiceStrEnum
 from sd3fp8.errors import ConfigError
 from sd3fp8.fp8.linear import ActivationScaling, Backend
 from sd3fp8.policy import Precision
+
+
+class ComputeDtype(ChoiceStrEnum, what="compute dtype", aliases={"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}):
+    """The dtype activations flow in (``auto``: see resolve_compute_dtype)."""
+
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class Offload(ChoiceStrEnum, what="offload mode"):
+    """Where components wait while another runs."""
+
+    NONE = "none"  # every component resident on the device
+    MODEL = "model"  # diffusers' model CPU offload (needs an accelerator)
+    # load each stage's components when it runs and free them after: text encoders, then the
+    # transformer; peak memory is the largest stage instead of the sum, at the price of loading on every call
+    STAGES = "stages"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,23 +38,18 @@ class RuntimeConfig:
     """Where and how the model runs (as opposed to how it is stored: that is the Policy)."""
 
     device: str = "auto"  # auto = cuda if present, else cpu
-    dtype: str = "auto"  # compute dtype: auto, bf16, fp16, fp32
+    dtype: ComputeDtype = ComputeDtype.AUTO
     backend: Backend = Backend.AUTO
     force_fp8: bool = False  # run scaled-mm even without FP8 tensor cores (slow on CPU; for testing)
     activation: ActivationScaling = ActivationScaling.TENSOR
-    # none | model (diffusers' model CPU offload; needs an accelerator) | stages (load each stage's
-    # components when it runs and free them after: text encoders, then the transformer; peak memory
-    # is the largest stage instead of the sum, at the price of loading on every call)
-    offload: str = "none"
+    offload: Offload = Offload.NONE
     watch_clipping: bool = False  # count scaled-mm calls clipped by static (calibrated) input scales
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend.parse(self.backend))
         object.__setattr__(self, "activation", ActivationScaling.parse(self.activation))
-        if self.offload not in ("none", "model", "stages"):
-            raise ConfigError(f"unknown offload mode {self.offload!r}: expected none, model or stages")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ConfigError(f"unknown compute dtype {self.dtype!r}: expected auto, bf16, fp16 or fp32")
+        object.__setattr__(self, "dtype", ComputeDtype.parse(self.dtype))
+        object.__setattr__(self, "offload", Offload.parse(self.offload))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,12 +79,13 @@ def cpu_has_native_bf16() -> bool:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def resolve_compute_dtype(name: str, device: torch.device, transformer: Precision = Precision.FP8_E4M3) -> torch.dtype:
+def resolve_compute_dtype(name: ComputeDtype | str, device: torch.device, transformer: Precision = Precision.FP8_E4M3) -> torch.dtype:
     """The dtype activations flow in.
 
     A 16/32-bit transformer runs in its own dtype (that is what a "bf16 baseline" means). With
     FP8 weights: bf16 by default, fp32 on CPUs that would emulate bf16.
     """
+    name = ComputeDtype.parse(name)
     if transformer.is_fp8 or transformer is Precision.AUTO:
         if name != "auto":
             return DTYPES[name]

@@ -34,9 +34,9 @@ def one_line(error: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from sd3fp8._env import quiet_libraries
+    from sd3fp8._env import quiet_environment
 
-    quiet_libraries()
+    quiet_environment()  # imports nothing: commands that load models quiet the libraries themselves (cli.common)
     try:
         return args.func(args)
     except SD3FP8Error as e:

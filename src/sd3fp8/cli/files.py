@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sd3fp8.cli.common import _add_model_options, build_engine
+from sd3fp8.cli.common import GRANULARITIES, _add_model_options, build_engine
 from sd3fp8.errors import ConfigError
+
+QUANTIZE_FORMATS = ("sd3fp8", "comfy-quant", "comfy")  # io/quantize.FORMATS (tests check they match)
 
 
 def inspect_file(path: Path, as_json: bool) -> int:
@@ -41,10 +43,10 @@ def inspect_file(path: Path, as_json: bool) -> int:
 
 
 def cmd_inspect(args) -> int:
+    if args.path is not None and args.path.is_file():
+        return inspect_file(args.path, args.json)  # the header alone: no torch, no diffusers
     from sd3fp8.engine.inspection import format_report, inspect_pipeline
 
-    if args.path is not None and args.path.is_file():
-        return inspect_file(args.path, args.json)
     if args.path is not None:
         args.model = args.path
     report = inspect_pipeline(build_engine(args), layers=args.layers)
@@ -60,8 +62,8 @@ def cmd_quantize(args) -> int:
     from sd3fp8.policy import Policy
 
     options = QuantizeOptions(
-        format=args.format, granularity=args.granularity or ("tensor" if args.format.startswith("comfy") else "channel"),
-        fp8=args.fp8, t5=args.t5, policy=Policy.load(args.policy) if args.policy else Policy(), force=args.force,
+        format=args.format, granularity=args.granularity or ("tensor" if args.format in ("comfy", "comfy-quant") else "channel"),
+        fp8=args.fp8, t5="fp8" if args.t5 == "fp8" else "keep", policy=Policy.load(args.policy) if args.policy else Policy(), force=args.force,
         calibration=Calibration.load(args.calibration) if args.calibration else None,
     )
     if not args.src.is_file():
@@ -84,7 +86,7 @@ def cmd_quantize(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("inspect", help="show components, dtypes and per-layer FP8 recipes")
+    p = sub.add_parser("inspect", help="show components, dtypes and per-layer FP8 schemes")
     p.add_argument("path", nargs="?", type=Path, help="model folder, or a .safetensors file (default: the bundled model)")
     p.add_argument("--layers", action="store_true", help="list every weight-owning module")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -94,12 +96,13 @@ def register(sub) -> None:
     p = sub.add_parser("quantize", help="convert a 16/32-bit checkpoint to FP8, streaming")
     p.add_argument("src", type=Path, help="source .safetensors (original single-file layout or standalone T5)")
     p.add_argument("--out", type=Path, required=True, help="destination .safetensors (written atomically)")
-    p.add_argument("--format", default="sd3fp8", help="sd3fp8 (per-layer entries, per-channel or per-tensor weight_scale; "
+    p.add_argument("--format", default="sd3fp8", choices=QUANTIZE_FORMATS, help="sd3fp8 (per-layer entries, per-channel or per-tensor weight_scale; "
                    "ComfyUI reads it per tensor, refuses it per channel), comfy-quant (ComfyUI's per-layer format) "
                    "or comfy (ComfyUI scaled fp8, e4m3 only)")
-    p.add_argument("--granularity", help="tensor or channel (default: channel; comfy, comfy-quant: tensor)")
-    p.add_argument("--fp8", default="e4m3", help="e4m3 or e5m2")
-    p.add_argument("--t5", default="keep", help="fp8 or keep: quantize a T5-XXL encoder found in the file")
+    p.add_argument("--granularity", choices=GRANULARITIES, help="channel or tensor (default: channel; comfy, comfy-quant: tensor)")
+    p.add_argument("--fp8", default="e4m3", choices=("e4m3", "e5m2"), help="FP8 format of the weights (default e4m3)")
+    p.add_argument("--t5", default="auto", choices=("fp8", "auto"), help="T5-XXL encoder found in the file: fp8 (quantize it) or "
+                   "auto (default: as the file stores it) -- the same --t5 as generate's, which also takes bf16/fp16/fp32/off")
     p.add_argument("--policy", type=Path, help="precision policy file: which MMDiT layers go FP8")
     p.add_argument("--calibration", type=Path, help="store its static input scales (input_scale; comfy: scale_input)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

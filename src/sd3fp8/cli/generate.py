@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd3fp8.cli.common import _add_model_options, build_engine
+from sd3fp8.cli.common import _add_model_options, build_engine, check_model_path
 from sd3fp8.errors import ConfigError
 
 # request fields a PNG's parameters restore with --from-png (flags given on the command line win)
@@ -60,6 +60,7 @@ def cmd_generate(args) -> int:
         apply_png_parameters(args)
     if args.prompt is None:
         raise ConfigError("give a prompt (or --from-png FILE)")
+    check_model_path(args)  # before the imports a request's checks need (torch)
     request = request_from_args(args)  # cheap checks first: a bad option should not cost a model load
     paths = output_paths(args.out, request.seed, [request.batch_index + i for i in range(request.batch)])
     for path in paths:  # minutes of generation must not end in "read-only file system"

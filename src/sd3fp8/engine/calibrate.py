@@ -17,6 +17,7 @@ from torch import nn
 from sd3fp8.errors import ConfigError
 from sd3fp8.fp8.calibration import Calibration, StatsRecorder, model_fingerprint
 from sd3fp8.fp8.linear import FP8Linear
+from sd3fp8.fp8.swap import replace_module
 from sd3fp8.policy import Policy
 
 
@@ -79,16 +80,14 @@ def layer_sensitivity(engine, calibration: Calibration, policy: Policy, prompts:
     reference = latents()
     ranking = []
     for name in candidates:
-        parent_name, _, child = name.rpartition(".")
-        parent = transformer.get_submodule(parent_name)
-        original = getattr(parent, child)
+        original = transformer.get_submodule(name)
         fp8 = FP8Linear.from_linear(original, policy.transformer.fp8_format, policy.granularity, "scaled-mm",
                                     force_fp8=True, input_scale=scales[name], name=name)
-        setattr(parent, child, fp8)
+        replace_module(transformer, name, fp8)
         try:
             error = float((latents() - reference).float().pow(2).sum() / reference.float().pow(2).sum().clamp_min(1e-20))
         finally:
-            setattr(parent, child, original)
+            replace_module(transformer, name, original)
         ranking.append({"name": name, "error": error, "params": original.weight.numel()})
         if on_layer:
             on_layer(name)

@@ -1,4 +1,4 @@
-"""What a loaded pipeline holds: per component sizes and dtypes, and per layer its storage recipe."""
+"""What a loaded pipeline holds: per component sizes and dtypes, and per layer its FP8 scheme."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def component_summary(module: nn.Module) -> dict:
 
 
 def layer_rows(module: nn.Module) -> list[dict]:
-    """One row per module that owns a weight: its dtype, shape and (for FP8) recipe."""
+    """One row per module that owns a weight: its dtype, shape and (for FP8) scheme."""
     rows = []
     for name, m in module.named_modules():
         weight = getattr(m, "weight", None)
@@ -93,12 +93,12 @@ def format_report(report: dict) -> str:
             continue
         lines += ["", f"[{component}]"]
         for row in s["layers"]:
-            recipe = ""
+            scheme = ""
             if "format" in row:
-                recipe = f"{row['granularity']} scale {tuple(row['scale_shape'])}, {row['backend']}"
+                scheme = f"{row['granularity']} scale {tuple(row['scale_shape'])}, {row['backend']}"
                 if row["backend"] == "scaled-mm":
-                    recipe += f", activation {row['activation']}"
+                    scheme += f", activation {row['activation']}"
                 if row["fallback"]:
-                    recipe += f" (fallback: {row['fallback']})"
-            lines.append(f"  {row['name']:<60} {row['type']:<22} {row['dtype']:<14} {tuple(row['shape'])!s:<16} {recipe}")
+                    scheme += f" (fallback: {row['fallback']})"
+            lines.append(f"  {row['name']:<60} {row['type']:<22} {row['dtype']:<14} {tuple(row['shape'])!s:<16} {scheme}")
     return "\n".join(lines)

@@ -35,7 +35,7 @@ def load_engine_parts(path, policy: Policy, runtime: RuntimeConfig, transformer_
     compute_dtype = resolve_compute_dtype(runtime.dtype, device, policy.transformer)
     if runtime.offload == "model" and device.type == "cpu":
         raise ConfigError("--offload model needs a GPU (it moves components between CPU and GPU); this run is on the CPU: use --offload none or stages")
-    resolve_backend(runtime.backend, device, runtime.force_fp8)  # fail early on a bad request
+    backend = resolve_backend(runtime.backend, device, runtime.force_fp8)  # the one resolution; fails early on a bad request
     cal = Calibration.load(calibration) if calibration is not None else None  # ... or a bad calibration file
     sources = resolve_sources(path, policy, checkpoint, tuple(Path(p) for p in extra_files), Path(tokenizers) if tokenizers else None)
     if sources.folder is not None:
@@ -44,7 +44,7 @@ def load_engine_parts(path, policy: Policy, runtime: RuntimeConfig, transformer_
         sources = dataclasses.replace(sources, files={**sources.files, "transformer": FileSource(Path(transformer_file))})
     policy = effective_policy(policy, sources)
     check_before_loading(sources, policy, device, compute_dtype, runtime.offload)  # fit and memory, from configs
-    settings = LoadSettings(device, compute_dtype, runtime.backend, runtime.force_fp8, runtime.activation)
+    settings = LoadSettings(device, compute_dtype, backend, runtime.force_fp8, runtime.activation)
     with_t5 = policy.text_encoder_3 is not Precision.OFF
     tokenizer_set = load_tokenizers(sources, with_t5)
     staged = ("transformer",) + TEXT_ENCODERS if runtime.offload == "stages" else ()
@@ -72,7 +72,7 @@ def load_engine_parts(path, policy: Policy, runtime: RuntimeConfig, transformer_
     if runtime.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     return {"pipe": pipe, "policy": policy, "runtime": runtime, "model_path": sources.folder or Path(sources.label),
-            "compute_dtype": compute_dtype, "device": device, "fp8_layers": fp8_layers,
+            "compute_dtype": compute_dtype, "device": device, "backend": backend, "fp8_layers": fp8_layers,
             "recipe": model_recipe(sources, pipe), "sources": sources, "stage_loader": load if staged else None,
             "calibration": cal, "clip_counter": clip_counter,
             "context_width": transformer_config(sources, pipe, "joint_attention_dim")}

@@ -23,7 +23,7 @@ from torch import nn
 from sd3fp8.engine.denoise import Conditioning, scheduler_shift, transformer_predictor
 from sd3fp8.engine.request import RECIPE_FILE, GenerationRequest, Recipe
 from sd3fp8.engine.text import ENCODINGS, TextMode, layout_of
-from sd3fp8.fp8.linear import resolve_backend
+from sd3fp8.fp8.linear import Backend
 from sd3fp8.fp8.swap import fp8_layers as fp8_layers_of
 from sd3fp8.io.folders import check_model_folder
 from sd3fp8.policy import COMPONENTS, Policy, Precision
@@ -53,7 +53,7 @@ class SD3FP8Pipeline:
 
     def __init__(self, pipe, policy: Policy, runtime: RuntimeConfig, model_path: Path, compute_dtype, device, fp8_layers, recipe,
                  sources=None, stage_loader: Callable | None = None, calibration=None, clip_counter=None,
-                 context_width: int = 4096):
+                 context_width: int = 4096, backend: Backend | None = None):
         # diffusers' StableDiffusion3Pipeline holds the resident components, tokenizers and scheduler
         # config; generation does not go through its __call__ but through encode/denoise/decode.
         self._pipe = pipe
@@ -66,6 +66,7 @@ class SD3FP8Pipeline:
         self.calibration = calibration  # calibration.Calibration applied to the transformer, if any
         self.clip_counter = clip_counter  # linear.ClipCounter when runtime.watch_clipping
         self.context_width = context_width  # the transformer's joint_attention_dim (4096 for SD3.x)
+        self.backend = backend  # the transformer's FP8 backend as resolved at load (layers may fall back, see describe())
         self._lock = threading.Lock()  # one generation at a time
 
     @classmethod
@@ -266,7 +267,7 @@ class SD3FP8Pipeline:
         transformer = self.component("transformer")
         if transformer is None:  # offload=stages: loaded only while denoising
             fp8 = self.policy.transformer.is_fp8
-            return resolve_backend(self.runtime.backend, self.device, self.runtime.force_fp8).value if fp8 else "none"
+            return self.backend.value if fp8 and self.backend is not None else "none"
         backends = sorted({m.backend.value for m in fp8_layers_of(transformer).values()})
         return "+".join(backends) if backends else "none"
 

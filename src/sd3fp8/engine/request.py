@@ -65,10 +65,7 @@ class GenerationRequest:
         from sd3fp8.engine.text import TextMode
 
         check_sampling_numbers(self.shift, self.denoise, self.batch_index, self.batch)
-        try:
-            object.__setattr__(self, "text_mode", TextMode(self.text_mode))
-        except ValueError:
-            raise ConfigError(f"unknown text mode {self.text_mode!r}: expected comfy or diffusers") from None
+        object.__setattr__(self, "text_mode", TextMode.parse(self.text_mode))
         if self.init_image is not None and not hasattr(self.init_image, "convert"):
             raise ConfigError(f"init image must be a PIL image, got {type(self.init_image).__name__}")
         prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
@@ -130,13 +127,16 @@ def check_sampling_numbers(shift, denoise, batch_index, batch) -> None:
 
 
 def read_recipe(path: Path, default_side: int) -> Recipe:
+    """The folder's generation defaults (its sd3fp8.json ``defaults``, checked field by field by
+    io.schemas: an unknown default is an error, an unknown section a warning), the rest from SD3.5's
+    usual ones."""
     from sd3fp8.io import schemas
 
-    data = {"width": default_side, "height": default_side}
+    data: dict[str, Any] = {"width": default_side, "height": default_side}
     recipe_file = path / RECIPE_FILE
     if recipe_file.is_file():
         data.update(schemas.recipe(recipe_file)["defaults"])
-    return Recipe(**{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(Recipe)}})
+    return Recipe(**data)
 
 
 # Model-card recipes by architecture (Large and Large Turbo share shapes: Turbo users pass --steps 4 --cfg 1,

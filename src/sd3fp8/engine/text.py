@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
 
+from ..enums import ChoiceStrEnum
 from ..errors import ConfigError
 
 ENCODER_KEYS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5-XXL
@@ -25,7 +25,7 @@ TOKENIZER_KEYS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 Window = list[tuple[int, float]]  # one encoder input: (token id, weight) pairs
 
 
-class TextMode(str, Enum):
+class TextMode(ChoiceStrEnum, what="text mode"):
     """How a prompt becomes conditioning."""
 
     COMFY = "comfy"  # CLIP windows of 77 (chunked, never truncated), T5 >= 77 tokens, prompt weights

@@ -1,11 +1,12 @@
 """`sd3fp8 bench`: speed, memory and quality of BF16 and of the FP8 routes people use, side by side.
 
-Every configuration runs in its own process (clean memory figures): load, one warm-up image, then
-``repeats`` passes over the prompts; per-step latency (median of step-to-step times), end-to-end
-time per image, load time, peak memory (CUDA max allocated on a GPU, peak RSS on a CPU),
-transformer time per call and bytes per component. The parent compares each configuration's
-images with the reference's (PSNR, SSIM; adherence and Frechet distance on shape-world models). A route that cannot
-be installed or run is reported with its error, never dropped.
+Every configuration (evalkit/configs.py) runs in its own process (clean memory figures): load, one
+warm-up image, then ``repeats`` passes over the prompts; per-step latency (median of step-to-step
+times), end-to-end time per image, load time, peak memory (CUDA max allocated on a GPU, peak RSS on
+a CPU), transformer time per call and bytes per component. The worker writes its outcome to a
+result file (measurements, or the error) and exits non-zero on failure; the parent reads that file
+and the exit status, so a route that cannot be installed or run is reported with its error, never
+dropped. The parent compares each configuration's images with the reference's (evalkit/metrics.py).
 
 With ``synthetic`` set ("medium" / "large"), the pipeline is replaced by a random-weight MMDiT of
 that width (``blocks`` deep) timed alone on one input; quality is the output's SQNR vs the reference.
@@ -21,39 +22,30 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from sd3fp8.errors import ConfigError
-from sd3fp8.policy import Policy
+from sd3fp8.engine.modelspec import ModelSpec
+from sd3fp8.errors import ConfigError, SD3FP8Error
+from sd3fp8.evalkit.configs import parse_configuration, parse_configurations
+from sd3fp8.evalkit.metrics import module_bytes
+from sd3fp8.io.atomic import atomic_write
+from sd3fp8.policy import COMPONENTS, Policy
 
 REFERENCE = "bf16"
-# name -> (policy changes, runtime changes, route applied to the loaded transformer or None)
-CONFIGS = {
-    "bf16": ({"transformer": "bf16"}, {}, None),
-    "fp16": ({"transformer": "fp16"}, {}, None),
-    "fp32": ({"transformer": "fp32"}, {}, None),
-    "sd3fp8": ({}, {}, None),  # weight-only (on GPUs with FP8 tensor cores: auto = scaled-mm)
-    "sd3fp8-scaled-mm": ({}, {"force_fp8": True}, None),  # W8A8, dynamic per-tensor activation scales
-    "sd3fp8-static": ({}, {"force_fp8": True}, "calibrated"),  # W8A8 with calibrated static scales
-    "diffusers-layerwise": ({"transformer": "auto"}, {}, "layerwise"),
-    "quanto-qfloat8": ({"transformer": "auto"}, {}, "quanto"),
-    "torchao-float8-wo": ({"transformer": "auto"}, {}, "torchao-wo"),
-    "torchao-float8-dq": ({"transformer": "auto"}, {}, "torchao-dq"),
-    "plain-cast": ({"transformer": "auto"}, {}, "plain-cast"),
-}
-DEFAULT_CONFIGS = ("bf16", "fp32", "sd3fp8", "diffusers-layerwise", "quanto-qfloat8", "torchao-float8-wo", "plain-cast")
+DEFAULT_CONFIGS = ("bf16", "fp32", "fp8", "diffusers-layerwise", "quanto-qfloat8", "torchao-float8-wo", "fp8-cast")
 SYNTHETIC = {"medium": 24, "large": 38}  # attention heads (x 64 = width)
-EXTRA_HINT = "pip install 'sd3fp8[bench]'"
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchSpec:
-    model: str | None
+    model: ModelSpec
     prompts: tuple[str, ...]
     steps: int | None  # None: the model's recipe
     width: int | None
@@ -63,61 +55,18 @@ class BenchSpec:
     calibration: str | None = None
     synthetic: str | None = None  # medium | large: transformer alone, random weights
     blocks: int = 2
+    policy: dict | None = None  # the base policy the configurations change (Policy.to_dict); None: the default
 
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
 
-# ---- routes: how each library stores a transformer's linears in FP8 -------------------------
+    @classmethod
+    def from_json(cls, text: str) -> BenchSpec:
+        data = json.loads(text)
+        return cls(**{**data, "model": ModelSpec(**data["model"]), "prompts": tuple(data["prompts"])})
 
-class PlainCastLinear(nn.Module):
-    """An FP8 weight cast without a scale and upcast on every call: how ComfyUI runs unscaled fp8
-    files without its fast path."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().clamp(-448, 448).to(torch.float8_e4m3fn), requires_grad=False)
-        self.bias = linear.bias
-
-    def forward(self, x):
-        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-def apply_route(route: str, transformer: nn.Module, keep, compute_dtype: torch.dtype) -> None:
-    """Turn the linears ``keep`` selects into the route's FP8 form (the same layers for every route)."""
-    names = [n for n, m in transformer.named_modules() if type(m) is nn.Linear and keep(n)]
-    if route == "layerwise":
-        skip = tuple(sorted({n for n, m in transformer.named_modules() if isinstance(m, nn.Linear)} - set(names)))
-        from diffusers.hooks import apply_layerwise_casting
-
-        # ModelMixin.enable_layerwise_casting always adds SD3's own skip list ("pos_embed", "norm"),
-        # which keeps the adaLN linears (a third of the weights) in 16 bit; diffusers' lower-level
-        # hook takes exactly our layer set (it casts Linear and Conv layers only)
-        apply_layerwise_casting(transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                                skip_modules_pattern=tuple(f"^{n}$" for n in skip) + ("^pos_embed",))
-    elif route == "quanto":
-        try:
-            from optimum.quanto import freeze, qfloat8, quantize
-        except ImportError:
-            raise ConfigError(f"optimum-quanto is not installed ({EXTRA_HINT})") from None
-        quantize(transformer, weights=qfloat8, include=names)
-        freeze(transformer)
-    elif route in ("torchao-wo", "torchao-dq"):
-        try:
-            from torchao.quantization import (
-                Float8DynamicActivationFloat8WeightConfig,
-                Float8WeightOnlyConfig,
-                quantize_,
-            )
-        except ImportError:
-            raise ConfigError(f"torchao is not installed ({EXTRA_HINT})") from None
-        config = Float8WeightOnlyConfig() if route == "torchao-wo" else Float8DynamicActivationFloat8WeightConfig()
-        wanted = set(names)
-        quantize_(transformer, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in wanted)
-    elif route == "plain-cast":
-        for name in names:
-            parent, _, child = name.rpartition(".")
-            owner = transformer.get_submodule(parent)
-            setattr(owner, child, PlainCastLinear(getattr(owner, child)))
-    else:
-        raise ConfigError(f"unknown route {route!r}")
+    def base_policy(self) -> Policy | None:
+        return Policy.from_dict(self.policy) if self.policy else None
 
 
 # ---- one configuration, in its own process ---------------------------------------------------
@@ -155,37 +104,14 @@ class CallTimer:
             self.times.append(time.perf_counter() - self._start)
 
 
-def _storage_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor really holds: tensor subclasses (quanto, torchao) through their inner tensors."""
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is not None:
-        return sum(_storage_bytes(getattr(t, name)) for name in flatten()[0])
-    return t.numel() * t.element_size()
-
-
-def _component_bytes(module: nn.Module | None) -> int:
-    if module is None:
-        return 0
-    unique = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    return sum(_storage_bytes(t) for t in unique.values())
-
-
 def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
-    from sd3fp8.engine.pipeline import SD3FP8Pipeline
-    from sd3fp8.runtime import RuntimeConfig
+    from sd3fp8.evalkit.configs import load_configuration, resident_transformer
 
-    policy_changes, runtime_changes, route = CONFIGS[name]
-    if route == "calibrated" and spec.calibration is None:
-        raise ConfigError("sd3fp8-static needs a calibration file: --calibration FILE")
+    config = parse_configuration(name)
     start = time.perf_counter()
-    engine = SD3FP8Pipeline.from_pretrained(
-        spec.model, Policy().replace(**policy_changes), RuntimeConfig(**runtime_changes),
-        calibration=spec.calibration if route == "calibrated" else None,
-    )
-    if route not in (None, "calibrated"):
-        apply_route(route, engine.component("transformer"), Policy().layer_filter("transformer"), engine.compute_dtype)
+    engine = load_configuration(spec.model, config, spec.base_policy(), spec.calibration)
     load_seconds = time.perf_counter() - start
-    timer = CallTimer(engine.component("transformer"), engine.device)
+    timer = CallTimer(resident_transformer(engine), engine.device)
     step_ends: list[float] = []
 
     def generate(prompt, seed):
@@ -207,52 +133,57 @@ def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
             step_times += steps
             if repeat == 0:
                 result.images[0].save(image_dir / f"{i:03d}.png")
-    components = {c: _component_bytes(engine.component(c)) for c in
-                  ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")}
     return {
         "load_seconds": load_seconds,
         "seconds_per_image": statistics.median(seconds),
         "seconds_per_step": statistics.median(step_times) if step_times else statistics.median(seconds) / spec.steps,
         "transformer_seconds_per_call": statistics.median(timer.times),
         "peak_memory_bytes": peak_memory_bytes(engine.device),
-        "bytes": components,
+        "bytes": {c: module_bytes(engine.component(c)) for c in COMPONENTS},
         "compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
         "device": str(engine.device),
     }
 
 
-def run_synthetic_config(name: str, spec: BenchSpec) -> dict:
-    """The transformer alone at SD3.5 width: random weights (seeded), one input, forward timed."""
+def synthetic_transformer(name: str, spec: BenchSpec, side: int) -> tuple[nn.Module, torch.dtype, torch.device]:
+    """A random-weight (seeded) MMDiT at SD3.5 width, stored as the configuration says."""
     from diffusers import SD3Transformer2DModel
 
+    from sd3fp8.evalkit.configs import route_layers
+    from sd3fp8.evalkit.routes import apply_route
     from sd3fp8.fp8.swap import quantize_linears
-    from sd3fp8.policy import Precision
-    from sd3fp8.runtime import DTYPES, resolve_compute_dtype, resolve_device
+    from sd3fp8.runtime import RuntimeConfig, resolve_compute_dtype, resolve_device
 
-    policy_changes, runtime_changes, route = CONFIGS[name]
-    if route == "calibrated":
-        raise ConfigError("sd3fp8-static is not available for synthetic transformers (nothing to calibrate on)")
-    policy = Policy().replace(**policy_changes)
-    device = resolve_device("auto")
-    compute = resolve_compute_dtype("auto", device, policy.transformer)
-    heads = SYNTHETIC[spec.synthetic]
+    config = parse_configuration(name)
+    if not config.transformer_only:
+        raise ConfigError(f"{name} is not available for synthetic transformers (no text encoders, nothing to calibrate on)")
+    base = spec.base_policy() or Policy()
+    policy, runtime = base.replace(**config.policy), RuntimeConfig(**config.runtime)
+    device = resolve_device(runtime.device)
+    compute = resolve_compute_dtype(runtime.dtype, device, policy.transformer)
+    heads = SYNTHETIC[spec.synthetic or "medium"]
     torch.manual_seed(0)
-    spec = dataclasses.replace(spec, width=spec.width or 512, height=spec.height or 512)
-    start = time.perf_counter()
     model = SD3Transformer2DModel(num_layers=spec.blocks, num_attention_heads=heads, attention_head_dim=64, joint_attention_dim=4096,
                                   caption_projection_dim=64 * heads, pooled_projection_dim=2048, pos_embed_max_size=96,
-                                  sample_size=spec.height // 8, qk_norm="rms_norm").eval()
-    storage = compute if policy.transformer in (Precision.AUTO,) or policy.transformer.is_fp8 else DTYPES[policy.transformer.value]
-    model = model.to(device, storage)
-    keep = policy.layer_filter("transformer")
+                                  sample_size=side // 8, qk_norm="rms_norm")
+    model = model.eval().to(  # type: ignore[attr-defined]  # ModelMixin is an nn.Module; diffusers' annotations lose it
+        device, policy.transformer.storage_dtype(compute))
     if policy.transformer.is_fp8:
-        quantize_linears(model, keep, policy.transformer.fp8_format, policy.granularity, device=device,
-                         force_fp8=runtime_changes.get("force_fp8", False))
-    elif route is not None:
-        apply_route(route, model, Policy().layer_filter("transformer"), compute)
+        quantize_linears(model, policy.layer_filter("transformer"), policy.transformer.fp8_format, policy.granularity, runtime.backend,
+                         device=device, force_fp8=runtime.force_fp8, activation=runtime.activation)
+    elif config.route is not None:
+        apply_route(config.route, model, route_layers(base), compute)
+    return model, compute, device
+
+
+def run_synthetic_config(name: str, spec: BenchSpec) -> dict:
+    """The transformer alone at SD3.5 width: random weights (seeded), one input, forward timed."""
+    width, height = spec.width or 512, spec.height or 512
+    start = time.perf_counter()
+    model, compute, device = synthetic_transformer(name, spec, height)
     load_seconds = time.perf_counter() - start
     g = torch.Generator().manual_seed(1)
-    latent = spec.height // 8, spec.width // 8
+    latent = height // 8, width // 8
     inputs = dict(hidden_states=torch.randn(1, 16, *latent, generator=g), encoder_hidden_states=torch.randn(1, 333, 4096, generator=g),
                   pooled_projections=torch.randn(1, 2048, generator=g), timestep=torch.tensor([500.0]))
     inputs = {k: v.to(device, compute if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
@@ -267,34 +198,50 @@ def run_synthetic_config(name: str, spec: BenchSpec) -> dict:
     return {
         "load_seconds": load_seconds, "seconds_per_step": statistics.median(timer.times),
         "transformer_seconds_per_call": statistics.median(timer.times), "seconds_per_image": None,
-        "peak_memory_bytes": peak_memory_bytes(device), "bytes": {"transformer": _component_bytes(model)},
+        "peak_memory_bytes": peak_memory_bytes(device), "bytes": {"transformer": module_bytes(model)},
         "compute_dtype": str(compute).removeprefix("torch."), "device": str(device),
     }
 
 
-def worker(name: str, spec_json: str) -> None:
-    from sd3fp8._env import quiet_libraries
+def worker(name: str, spec_json: str, result_path: str) -> int:
+    """Run one configuration; write {"status": "ok", "result": ...} or {"status": "failed", "error":
+    ..., "traceback": ...} to ``result_path``. Returns the exit status (0 only on success)."""
+    try:
+        from sd3fp8._env import quiet_libraries
+        from sd3fp8.evalkit.configs import check_configurations
 
-    quiet_libraries()
-    spec = BenchSpec(**json.loads(spec_json))
-    spec = dataclasses.replace(spec, prompts=tuple(spec.prompts))
-    result = (run_synthetic_config if spec.synthetic else run_pipeline_config)(name, spec)
-    print("SD3FP8-BENCH " + json.dumps(result))
+        spec = BenchSpec.from_json(spec_json)
+        check_configurations([parse_configuration(name)], spec.calibration, synthetic=spec.synthetic is not None)  # before the imports
+        quiet_libraries()
+        outcome = {"status": "ok", "result": (run_synthetic_config if spec.synthetic else run_pipeline_config)(name, spec)}
+    except Exception as e:  # any failure is this configuration's result: reported by the parent, never dropped
+        message = str(e) if isinstance(e, SD3FP8Error) else f"{type(e).__name__}: {e}"
+        outcome = {"status": "failed", "error": message.strip().splitlines()[0] if message.strip() else type(e).__name__,
+                   "traceback": traceback.format_exc()}
+    with atomic_write(result_path, "w") as f:
+        json.dump(outcome, f)
+    return 0 if outcome["status"] == "ok" else 1
 
 
 def run_in_process(name: str, spec: BenchSpec) -> dict:
-    """One configuration in a fresh interpreter; failures come back as {"error": ...}."""
-    cmd = [sys.executable, "-m", "sd3fp8.evalkit.bench", name, json.dumps(dataclasses.asdict(spec))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    for line in proc.stdout.splitlines():
-        if line.startswith("SD3FP8-BENCH "):
-            return json.loads(line.removeprefix("SD3FP8-BENCH "))
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    error = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else f"exit code {proc.returncode}")
-    return {"error": error.strip()}
+    """One configuration in a fresh interpreter: its measurements, or {"error": ..., "exit_status": ...}.
+    Success is exit status 0 with an "ok" result file; anything else is a failure, described by the
+    result file when the worker wrote one, else by its exit status (a crash or a kill)."""
+    with tempfile.TemporaryDirectory(prefix="sd3fp8-bench-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "sd3fp8.evalkit.bench", name, spec.to_json(), str(result_path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        outcome = json.loads(result_path.read_text()) if result_path.is_file() else None
+    if proc.returncode == 0 and outcome is not None and outcome.get("status") == "ok":
+        return outcome["result"]
+    if outcome is not None and outcome.get("status") == "failed":
+        return {"error": outcome["error"], "exit_status": proc.returncode}
+    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with status {proc.returncode}"
+    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-3:]
+    return {"error": f"worker {how} without a result", "exit_status": proc.returncode, "stderr_tail": tail}
 
 
-# ---- the whole run and its report ------------------------------------------------------------
+# ---- the whole run ----------------------------------------------------------------------------
 
 def environment() -> dict:
     import importlib.metadata as md
@@ -317,19 +264,11 @@ def environment() -> dict:
 
 
 def parse_configs(text: str) -> list[str]:
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise ConfigError(f"unknown bench configuration(s) {unknown}: expected some of {', '.join(CONFIGS)}")
-    return [REFERENCE] + [n for n in names if n != REFERENCE]
+    """Registry names (old bench spellings accepted), the bf16 reference first."""
+    return [c.name for c in parse_configurations(text, REFERENCE)]
 
 
 def bench(spec: BenchSpec, configs: list[str], progress=print) -> dict:
-    from PIL import Image
-
-    from sd3fp8.evalkit.evaluation import SHAPE_WORLD, model_world
-    from sd3fp8.evalkit.metrics import psnr, ssim
-
     rows = []
     for name in configs:
         progress(f"bench: {name} ...")
@@ -337,14 +276,27 @@ def bench(spec: BenchSpec, configs: list[str], progress=print) -> dict:
         rows.append({"name": name, **result})
         progress(f"bench: {name}: " + (f"failed: {result['error']}" if "error" in result else f"{result['seconds_per_step']:.3f} s/step"))
     report = {"environment": environment(), "spec": dataclasses.asdict(spec), "reference": REFERENCE, "configs": rows}
-    ref = rows[0]
-    if "error" in ref:
+    if "error" in rows[0]:
         report["note"] = f"the {REFERENCE} reference failed: no ratios or quality figures"
         return report
-    images = {}
-    # bf16 compute has its own error: the synthetic output is compared with fp32's when it ran
     ok = {r["name"] for r in rows if "error" not in r}
+    # bf16 compute has its own error: the synthetic output is compared with fp32's when it ran
     report["quality_reference"] = "fp32" if spec.synthetic and "fp32" in ok else REFERENCE
+    compare_rows(report, spec)
+    return report
+
+
+def compare_rows(report: dict, spec: BenchSpec) -> None:
+    """Ratios against the reference and quality (SQNR, or PSNR/SSIM and shape-world scores), in place."""
+    from PIL import Image
+
+    from sd3fp8.evalkit.metrics import compare_images, sqnr, world_scores
+    from sd3fp8.evalkit.prompt_sets import SHAPE_WORLD
+
+    rows = report["configs"]
+    ref = rows[0]
+    images = {}
+    judged = not spec.synthetic and spec.model.world() == SHAPE_WORLD
     for row in rows:
         if "error" in row:
             continue
@@ -354,127 +306,17 @@ def bench(spec: BenchSpec, configs: list[str], progress=print) -> dict:
         if spec.synthetic:
             out = torch.load(Path(spec.out, "raw", f"{row['name']}.pt"))
             reference = torch.load(Path(spec.out, "raw", f"{report['quality_reference']}.pt"))
-            noise = (out - reference).pow(2).mean()
-            row["sqnr_db"] = float(10 * torch.log10(reference.pow(2).mean() / noise)) if noise > 0 else None
+            quality = sqnr(reference, out)
+            row["sqnr_db"] = quality if quality != float("inf") else None
             continue
         folder = Path(spec.out, "raw", "images", row["name"])
         images[row["name"]] = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))]
-        pairs = list(zip(images[REFERENCE], images[row["name"]]))
-        row["psnr"] = float(np.mean([min(psnr(a, b), 100.0) for a, b in pairs]))
-        row["ssim"] = float(np.mean([ssim(a, b) for a, b in pairs]))
-        if spec.model is None or model_world(Path(spec.model)) == SHAPE_WORLD:
-            from sd3fp8.evalkit.metrics import frechet_distance
-            from sd3fp8.miniature.judge import adherence, features
-            from sd3fp8.miniature.world import parse_caption, render
-
-            row["adherence"] = float(np.mean([adherence(img, p) for img, p in zip(images[row["name"]], spec.prompts)]))
-            if len(spec.prompts) > 1:  # distribution distance to the world's own renders, as eval reports it
-                real = np.stack([features(np.asarray(render(parse_caption(p), seed=1000 + i))) for i, p in enumerate(spec.prompts)])
-                row["frechet_distance"] = frechet_distance(np.stack([features(img) for img in images[row["name"]]]), real)
+        row.update(compare_images(images[REFERENCE], images[row["name"]]))
+        if judged:
+            scores = world_scores(images[row["name"]], spec.prompts)
+            row["adherence"], row["frechet_distance"] = scores["adherence"], scores["frechet_distance"]
     report["_images"] = images
-    return report
-
-
-def markdown_table(report: dict) -> str:
-    synthetic = report["spec"]["synthetic"]
-    qref = report.get("quality_reference", REFERENCE)
-    quality = f"SQNR vs {qref} (dB)" if synthetic else "PSNR vs bf16 (dB) | SSIM | adherence | Frechet dist."
-    lines = [f"| config | s / step | x bf16 | transformer s / call | load s | peak memory GB | x bf16 | transformer MB | x bf16 | {quality} |",
-             "|---" * (10 + (0 if synthetic else 3)) + "|"]
-    for r in report["configs"]:
-        if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:120]} |")
-            continue
-        if synthetic:
-            q = "ref" if r["name"] == qref else (f"{r['sqnr_db']:.1f}" if r.get("sqnr_db") is not None else "exact")
-        else:
-            ref = r["name"] == report["reference"]
-            judged = f"{r.get('adherence', float('nan')):.3f} | {r.get('frechet_distance', float('nan')):.3f}"
-            q = f"ref | ref | {judged}" if ref else f"{r['psnr']:.1f} | {r['ssim']:.4f} | {judged}"
-        lines.append(
-            f"| {r['name']} | {r['seconds_per_step']:.3f} | {r.get('step_time_vs_reference', float('nan')):.2f} | "
-            f"{r['transformer_seconds_per_call']:.3f} | {r['load_seconds']:.1f} | {r['peak_memory_bytes'] / 1e9:.2f} | "
-            f"{r.get('memory_vs_reference', float('nan')):.2f} | {r['bytes']['transformer'] / 1e6:.1f} | "
-            f"{r.get('transformer_bytes_vs_reference', float('nan')):.3f} | {q} |")
-    return "\n".join(lines) + "\n"
-
-
-def goals(report: dict) -> list[str]:
-    """The issue's goals on this machine, each met or missed (with by how much)."""
-    rows = {r["name"]: r for r in report["configs"] if "error" not in r}
-    ours = rows.get("sd3fp8")
-    if ours is None or REFERENCE not in rows:
-        return ["goals not evaluated: sd3fp8 or bf16 did not run"]
-    out = []
-    ratio = ours["step_time_vs_reference"]
-    out.append(f"sd3fp8 step time {ratio:.2f}x bf16 (goal <= 1.05x): {'met' if ratio <= 1.05 else 'missed'}")
-    if "fp32" in rows:  # on CPUs without bf16 units, fp32 is the fast 16/32-bit baseline: say so too
-        out.append(f"sd3fp8 step time {ours['seconds_per_step'] / rows['fp32']['seconds_per_step']:.2f}x fp32 "
-                   f"(bf16 runs {rows[REFERENCE]['seconds_per_step'] / rows['fp32']['seconds_per_step']:.1f}x fp32's time on this device)")
-    others = [r for n, r in rows.items() if n in ("diffusers-layerwise", "quanto-qfloat8", "torchao-float8-wo", "torchao-float8-dq", "plain-cast")]
-    slower = [r["name"] for r in others if r["seconds_per_step"] < ours["seconds_per_step"]]
-    out.append("faster than every other FP8 route: " + ("met" if not slower else f"missed (faster: {', '.join(slower)})"))
-    key = "sqnr_db" if report["spec"]["synthetic"] else "psnr"
-    if not report["spec"]["synthetic"]:
-        out.append("quality is compared on " + str(len(report["spec"]["prompts"])) + " images: differences under ~0.5 dB PSNR are noise")
-    better = [r["name"] for r in others if (r.get(key) or 0) > (ours.get(key) or 0) and r["bytes"]["transformer"] <= ours["bytes"]["transformer"]]
-    out.append(f"quality ({key}) >= every other FP8 route at equal or fewer bytes: " + ("met" if not better else f"missed ({', '.join(better)})"))
-    return out
-
-
-def plots(report: dict, out: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        report.setdefault("notes", []).append(f"plots skipped: matplotlib is not installed ({EXTRA_HINT})")
-        return []
-    rows = [r for r in report["configs"] if "error" not in r]
-    key, label = (("sqnr_db", f"SQNR vs {report.get('quality_reference')} (dB)") if report["spec"]["synthetic"]
-                  else ("psnr", "PSNR vs bf16 (dB)"))
-    paths = []
-    for name, y, ylabel in (("time_vs_memory.png", "seconds_per_step", "seconds per step"), ("quality_vs_memory.png", key, label)):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in rows:
-            if r.get(y) is None or (y == key and r["name"] == (report.get("quality_reference") or REFERENCE)):
-                continue  # the quality reference compares with itself: off the scale
-            ax.scatter(r["peak_memory_bytes"] / 1e9, r[y])
-            ax.annotate(r["name"], (r["peak_memory_bytes"] / 1e9, r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("peak memory (GB)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        paths.append(out / name)
-    return paths
-
-
-def write_report(report: dict, out: Path, command: str) -> list[Path]:
-    from sd3fp8.evalkit.evaluation import image_grid
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = plots(report, out)
-    report["goals"] = goals(report)
-    if report.get("_images"):
-        ok = [r for r in report["configs"] if r["name"] in report["_images"]]
-        image_grid({"configs": ok, "_images": report["_images"]}).save(out / "bench_grid.png")
-        paths.append(out / "bench_grid.png")
-    public = {k: v for k, v in report.items() if not k.startswith("_")}
-    public["command"] = command
-    (out / "bench.json").write_text(json.dumps(public, indent=2) + "\n")
-    env = report["environment"]
-    text = ["# sd3fp8 bench\n", f"`{command}`\n",
-            f"{env['cpu']} ({env['cores']} cores){', ' + env['gpu'] + ' CC ' + env['compute_capability'] if 'gpu' in env else ''}; "
-            f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}, torchao {env['torchao']}, "
-            f"optimum-quanto {env['optimum-quanto']}. Medians; ratios against bf16 from this run.\n", markdown_table(report),
-            "\n" + "\n".join(f"- {g}" for g in report["goals"]) + "\n"]
-    text += [f"- note: {n}\n" for n in report.get("notes", [])] + ([f"- note: {report['note']}\n"] if report.get("note") else [])
-    (out / "bench.md").write_text("\n".join(text))
-    return [out / "bench.json", out / "bench.md"] + paths
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])
+    sys.exit(worker(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -1,117 +1,30 @@
-"""`sd3fp8 eval`: the same prompts and seeds under a reference and candidate precision
-configurations; adherence and distribution distance (shape-world models), PSNR/SSIM against the
-reference's images, model bytes and time. Writes JSON, a markdown table and a PNG grid."""
+"""`sd3fp8 eval`: the same prompts and seeds under a reference and candidate configurations
+(evalkit/configs.py); adherence and distribution distance (shape-world models), PSNR/SSIM against
+the reference's images, model bytes and time. Writes JSON, a markdown table and a PNG grid."""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
 import json
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from sd3fp8.engine.inspection import component_summary
-from sd3fp8.engine.pipeline import RECIPE_FILE, SD3FP8Pipeline
-from sd3fp8.errors import ConfigError
-from sd3fp8.evalkit.metrics import frechet_distance, psnr, ssim
-from sd3fp8.policy import Policy
-from sd3fp8.runtime import RuntimeConfig
-
-SHAPE_WORLD = "shapes-v1"
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """One configuration under test: a name, the policy changes and the runtime it runs with."""
-
-    name: str
-    policy: dict
-    runtime: dict
-    calibrated: bool = False  # static input scales from the eval's calibration file
-    keep_budget: float | None = None  # selective precision: % of parameters kept 16-bit by sensitivity
-
-
-# Named configurations, shared with `generate`'s options (precision / t5 / granularity / backend).
-BASE_CONFIGS = {
-    "fp32": ({"transformer": "fp32"}, {}),
-    "bf16": ({"transformer": "bf16"}, {}),
-    "fp16": ({"transformer": "fp16"}, {}),
-    "fp8": ({}, {}),
-    "fp8-tensor": ({"granularity": "tensor"}, {}),
-    "fp8-e5m2": ({"transformer": "fp8-e5m2"}, {}),
-    "fp8-t5": ({"text_encoder_3": "fp8"}, {}),
-    "fp8-scaled-mm": ({}, {"force_fp8": True}),
-    "fp8-scaled-mm-row": ({}, {"force_fp8": True, "activation": "row"}),
-    "fp8-static": ({}, {"force_fp8": True}),  # W8A8 with calibrated static input scales (needs --calibration)
-    "fp8-cast": ({"granularity": "none"}, {}),  # plain cast, no scales: what a naive fp8 checkpoint does
-    "no-t5": ({"text_encoder_3": "off"}, {}),
-}
-KEEP = re.compile(r"fp8-static-keep(\d+(?:\.\d+)?)")  # fp8-static-keep2 = static + 2 % kept 16-bit
-
-
-def parse_config(spec: str) -> EvalConfig:
-    """``name`` or ``name@dtype`` (compute dtype bf16/fp16/fp32 for FP8 configurations)."""
-    name, _, dtype = spec.strip().partition("@")
-    keep = KEEP.fullmatch(name)
-    if name not in BASE_CONFIGS and not keep:
-        raise ConfigError(f"unknown configuration {name!r}: expected one of {', '.join(BASE_CONFIGS)}, fp8-static-keepP "
-                          "(optionally @bf16/@fp32)")
-    policy, runtime = BASE_CONFIGS["fp8-static" if keep else name]
-    if dtype:
-        if dtype not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"unknown compute dtype {dtype!r} in {spec!r}")
-        runtime = {**runtime, "dtype": dtype}
-    calibrated = bool(keep) or name == "fp8-static"
-    return EvalConfig(spec.strip(), dict(policy), dict(runtime), calibrated, float(keep[1]) if keep else None)
-
-
-def read_prompts(path: Path) -> list[str]:
-    from sd3fp8.engine.request import check_prompt
-    from sd3fp8.io.safe_read import read_text
-
-    lines = [line.strip() for line in read_text(path, "prompts", ConfigError).splitlines()]
-    prompts = [line for line in lines if line and not line.startswith("#")]
-    for i, prompt in enumerate(prompts):
-        check_prompt(prompt, f"prompt {i + 1} of {path}")
-    if not prompts:
-        raise ConfigError(f"prompts file {path} holds no prompts")
-    return prompts
-
-
-def default_prompts(model_path: Path, count: int = 8) -> list[str]:
-    """Held-out captions for a shape-world model, else the shipped SD3.5 prompt set."""
-    if model_world(model_path) == SHAPE_WORLD:
-        from sd3fp8.miniature.world import heldout_prompts
-
-        return heldout_prompts(count)
-    return read_prompts(Path(__file__).parent / "prompts" / "sd35.txt")[:count]
-
-
-def calibration_prompts(model_path: Path, count: int = 32) -> list[str]:
-    """Training-distribution captions for a shape-world model (never the held-out ones eval uses),
-    else the shipped SD3.5 calibration set."""
-    if model_world(model_path) == SHAPE_WORLD:
-        from sd3fp8.miniature.world import calibration_prompts as world_prompts
-
-        return world_prompts(count)
-    return read_prompts(Path(__file__).parent / "prompts" / "calibration.txt")[:count]
-
-
-def model_world(model_path: Path) -> str | None:
-    from sd3fp8.io import schemas
-
-    recipe = model_path / RECIPE_FILE
-    return schemas.recipe(recipe)["world"] if recipe.is_file() else None
+from sd3fp8.engine.modelspec import ModelSpec
+from sd3fp8.evalkit.configs import Configuration, check_configurations, load_configuration, parse_configurations
+from sd3fp8.evalkit.metrics import compare_images, module_bytes, world_scores
+from sd3fp8.evalkit.prompt_sets import SHAPE_WORLD
+from sd3fp8.policy import COMPONENTS, Policy
 
 
 @dataclasses.dataclass
 class RunResult:
-    config: EvalConfig
+    config: Configuration
     images: list[np.ndarray]  # prompt-major, seed-minor
     seconds_per_image: float
     transformer_bytes: int
@@ -119,17 +32,9 @@ class RunResult:
     backend: str
 
 
-def run_config(model: Path | None, config: EvalConfig, prompts: list[str], seeds: list[int], base_policy: Policy,
+def run_config(model: ModelSpec, config: Configuration, prompts: list[str], seeds: list[int], base_policy: Policy | None,
                steps: int | None, on_image: Callable[[], None], calibration: Path | None = None) -> RunResult:
-    policy = base_policy.replace(**config.policy)
-    if config.keep_budget is not None:
-        from sd3fp8.fp8.calibration import Calibration
-        from sd3fp8.policy import budget_policy
-
-        cal = Calibration.load(calibration)
-        policy, _ = budget_policy(policy, cal.sensitivity, cal.transformer_params, config.keep_budget)
-    engine = SD3FP8Pipeline.from_pretrained(model, policy, RuntimeConfig(**config.runtime),
-                                            calibration=calibration if config.calibrated else None)
+    engine = load_configuration(model, config, base_policy, calibration)
     images, start = [], time.perf_counter()
     for prompt in prompts:
         for seed in seeds:
@@ -137,16 +42,16 @@ def run_config(model: Path | None, config: EvalConfig, prompts: list[str], seeds
             images.append(np.asarray(result.images[0]))
             on_image()
     seconds = (time.perf_counter() - start) / len(images)
-    components = [engine.component(c) for c in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")]
-    total = sum(component_summary(m)["bytes"] for m in components if m is not None)
-    run = RunResult(config, images, seconds, component_summary(engine.component("transformer"))["bytes"], total, engine.transformer_backend())
+    total = sum(module_bytes(engine.component(c)) for c in COMPONENTS)
+    backend = config.route if config.route is not None else engine.transformer_backend()
+    run = RunResult(config, images, seconds, module_bytes(engine.component("transformer")), total, backend)
     del engine
     gc.collect()
     return run
 
 
 def evaluate(
-    model: Path | None,
+    model: ModelSpec | str | Path | None,
     prompts: list[str],
     seeds: list[int],
     reference: str = "bf16",
@@ -156,54 +61,39 @@ def evaluate(
     progress: bool = True,
     calibration: Path | None = None,
 ) -> dict:
-    """Run every configuration on the same prompts and seeds; return the report (and images)."""
+    """Run every configuration on the same prompts and seeds; return the report (and images).
+    Every configuration and the calibration are checked before the first model loads."""
     from tqdm import tqdm
 
-    from sd3fp8.miniature.bundled import default_model_path
-
-    model_path = Path(model) if model is not None else default_model_path()
-    configs = [parse_config(reference)] + [parse_config(c) for c in candidates]
-    if calibration is None and any(c.calibrated for c in configs):
-        raise ConfigError("fp8-static configurations need a calibration file: --calibration FILE (from `sd3fp8 calibrate`)")
-    base_policy = base_policy or Policy()
-    judged = model_world(model_path) == SHAPE_WORLD
+    model = model if isinstance(model, ModelSpec) else ModelSpec(None if model is None else str(model))
+    configs = parse_configurations(candidates, reference)
+    check_configurations(configs, calibration)
+    judged = model.world() == SHAPE_WORLD
     bar = tqdm(total=len(configs) * len(prompts) * len(seeds), desc="eval", unit="img", disable=not progress)
     runs = []
     for config in configs:
         bar.set_postfix(config=config.name)
-        runs.append(run_config(model_path, config, prompts, seeds, base_policy, steps, lambda: bar.update(1), calibration))
+        runs.append(run_config(model, config, prompts, seeds, base_policy, steps, lambda: bar.update(1), calibration))
     bar.close()
 
-    report = {
-        "model": str(model_path), "prompts": prompts, "seeds": seeds, "steps": steps, "reference": configs[0].name,
+    report: dict[str, Any] = {
+        "model": str(model.resolved_path()), "prompts": prompts, "seeds": seeds, "steps": steps, "reference": configs[0].name,
         "judge": SHAPE_WORLD if judged else None,
         "note": None if judged else "adherence and distribution distance need the shape-world judge; this model is not "
         "a shape-world model, so only image metrics against the reference are reported",
         "configs": [],
     }
-    if judged:
-        from sd3fp8.miniature.judge import adherence, features
-        from sd3fp8.miniature.world import parse_caption, render
-
-        captions = [p for p in prompts for _ in seeds]
-        real = [np.asarray(render(parse_caption(c), seed=1000 + i)) for i, c in enumerate(captions)]
-        real_features = np.stack([features(img) for img in real])
+    captions = [p for p in prompts for _ in seeds]
     ref = runs[0]
     for run in runs:
         row = {
             "name": run.config.name, "policy": run.config.policy, "runtime": run.config.runtime, "backend": run.backend,
             "seconds_per_image": run.seconds_per_image, "transformer_bytes": run.transformer_bytes, "total_bytes": run.total_bytes,
             "transformer_bytes_vs_reference": run.transformer_bytes / ref.transformer_bytes,
-            "psnr": float(np.mean([min(psnr(a, b), 100.0) for a, b in zip(ref.images, run.images)])),
-            "ssim": float(np.mean([ssim(a, b) for a, b in zip(ref.images, run.images)])),
+            **compare_images(ref.images, run.images),
         }
         if judged:
-            scores = [adherence(img, c) for img, c in zip(run.images, captions)]
-            row["adherence"] = float(np.mean(scores))
-            row["adherence_per_image"] = scores
-            # a distribution distance needs two or more images
-            row["frechet_distance"] = (frechet_distance(np.stack([features(img) for img in run.images]), real_features)
-                                       if len(run.images) > 1 else None)
+            row.update(world_scores(run.images, captions))
         report["configs"].append(row)
     report["_images"] = {run.config.name: run.images for run in runs}
     return report

@@ -1,10 +1,21 @@
-"""Image-quality numbers: PSNR and SSIM against a reference image, Frechet distance between feature sets."""
+"""The numbers eval and bench report, in one place: PSNR and SSIM of images against a reference,
+SQNR of tensors (defined with the FP8 numerics, re-exported here), Frechet distance between feature
+sets, shape-world adherence, and the bytes a module really holds."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from sd3fp8.fp8.numerics import sqnr
+
+__all__ = ["PSNR_CAP", "compare_images", "frechet_distance", "module_bytes", "psnr", "sqnr", "ssim", "world_scores"]
+
+PSNR_CAP = 100.0  # dB: identical images report this instead of inf (JSON has no inf)
 
 
 def psnr(reference: np.ndarray, image: np.ndarray, peak: float = 255.0) -> float:
@@ -53,3 +64,41 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     root_a = _sqrtm_psd(cov_a)
     cross = np.trace(_sqrtm_psd(root_a @ cov_b @ root_a))
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+def compare_images(reference: Sequence[np.ndarray], images: Sequence[np.ndarray]) -> dict[str, float]:
+    """Mean PSNR (each capped at PSNR_CAP) and mean SSIM of ``images`` against ``reference``, pairwise."""
+    if len(reference) != len(images) or not images:
+        raise ValueError(f"{len(images)} images against {len(reference)} references: they must pair up")
+    return {"psnr": float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(reference, images)])),
+            "ssim": float(np.mean([ssim(a, b) for a, b in zip(reference, images)]))}
+
+
+def world_scores(images: Sequence[np.ndarray], captions: Sequence[str]) -> dict:
+    """Shape-world judging: per-image adherence to its caption, their mean, and the Frechet distance
+    of the images' features to the world's own renders of the same captions (None for one image)."""
+    from sd3fp8.miniature.judge import adherence, features
+    from sd3fp8.miniature.world import parse_caption, render
+
+    scores = [adherence(img, c) for img, c in zip(images, captions, strict=True)]
+    distance = None
+    if len(images) > 1:  # a distribution distance needs two or more images
+        real = np.stack([features(np.asarray(render(parse_caption(c), seed=1000 + i))) for i, c in enumerate(captions)])
+        distance = frechet_distance(np.stack([features(img) for img in images]), real)
+    return {"adherence": float(np.mean(scores)), "adherence_per_image": scores, "frechet_distance": distance}
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds: tensor subclasses (quanto, torchao) through their inner tensors."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None:
+        return sum(_storage_bytes(getattr(t, name)) for name in flatten()[0])
+    return t.numel() * t.element_size()
+
+
+def module_bytes(module: nn.Module | None) -> int:
+    """Bytes of a module's parameters and buffers, each tensor counted once."""
+    if module is None:
+        return 0
+    unique = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(_storage_bytes(t) for t in unique.values())

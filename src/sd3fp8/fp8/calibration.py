@@ -44,7 +44,7 @@ def fingerprint(linears: list[tuple[str, int, int]], patch_weight: torch.Tensor)
 
 def model_fingerprint(transformer: nn.Module) -> str:
     linears = [(n, m.in_features, m.out_features) for n, m in transformer.named_modules() if isinstance(m, (nn.Linear, FP8Linear))]
-    return fingerprint(linears, transformer.pos_embed.proj.weight)
+    return fingerprint(linears, transformer.get_parameter("pos_embed.proj.weight"))
 
 
 def file_fingerprint(files, config: dict, prefix: str) -> str:
@@ -53,7 +53,8 @@ def file_fingerprint(files, config: dict, prefix: str) -> str:
 
     with torch.device("meta"):
         model = SD3Transformer2DModel(**config)
-    linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    modules = model.named_modules()  # type: ignore[attr-defined]  # ModelMixin is an nn.Module; diffusers' annotations lose it
+    linears = [(n, m.in_features, m.out_features) for n, m in modules if isinstance(m, nn.Linear)]
     return fingerprint(linears, files.get(prefix + "x_embedder.proj.weight"))
 
 

@@ -7,13 +7,13 @@ construction; ``forward`` is a few flat lines per backend.
 
 from __future__ import annotations
 
-import enum
 import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sd3fp8.enums import ChoiceEnum
 from sd3fp8.errors import ConfigError
 from sd3fp8.fp8.numerics import FP8Format, Granularity, amax, amax_to_scale, decode, quantize, quantize_weight
 
@@ -66,35 +66,17 @@ class ClipCounter:
         return sorted(rows, key=lambda r: -r["worst_ratio"])
 
 
-class Backend(enum.Enum):
+class Backend(ChoiceEnum, what="backend", aliases={"scaled_mm": "scaled-mm", "weight_only": "weight-only"}):
     AUTO = "auto"
     SCALED_MM = "scaled-mm"  # quantize the activation, FP8 GEMM (torch._scaled_mm)
     WEIGHT_ONLY = "weight-only"  # dequantize the weight on the fly, 16/32-bit GEMM
 
-    @classmethod
-    def parse(cls, name: str | Backend) -> Backend:
-        if isinstance(name, Backend):
-            return name
-        for b in cls:
-            if b.value == str(name).lower().replace("_", "-"):
-                return b
-        raise ConfigError(f"unknown backend {name!r}: expected one of auto, scaled-mm, weight-only")
 
-
-class ActivationScaling(enum.Enum):
+class ActivationScaling(ChoiceEnum, what="activation scaling"):
     """How ``scaled-mm`` scales activations when no static (calibrated) input scale is set."""
 
     TENSOR = "tensor"  # one dynamic amax per call
     ROW = "row"  # one dynamic amax per token (row of the [M, K] input)
-
-    @classmethod
-    def parse(cls, name: str | ActivationScaling) -> ActivationScaling:
-        if isinstance(name, ActivationScaling):
-            return name
-        for a in cls:
-            if a.value == str(name).lower():
-                return a
-        raise ConfigError(f"unknown activation scaling {name!r}: expected 'tensor' or 'row'")
 
 
 def has_fp8_tensor_cores(device: torch.device | str) -> bool:
@@ -137,6 +119,10 @@ class FP8Linear(nn.Module):
 
     # Tensors whose dtype is the storage format, not the compute dtype: Module.to(dtype) must not cast them.
     _storage_tensors = ("weight", "weight_scale", "input_scale")
+    weight: torch.Tensor  # buffers and parameters, declared for type checkers (nn.Module types attributes loosely)
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -267,7 +253,7 @@ class FP8Linear(nn.Module):
             self.weight.t(),  # column-major [K, N] view of the row-major [N, K] weight
             scale_a=scale_a,
             scale_b=scale_b,
-            bias=self.bias.to(out_dtype) if fused_bias else None,
+            bias=self.bias.to(out_dtype) if fused_bias and self.bias is not None else None,
             out_dtype=out_dtype,
         )
         y = y.to(x.dtype)

@@ -7,15 +7,19 @@ convention is the dequantizing one used by ``torch._scaled_mm``: ``x ~= stored *
 
 from __future__ import annotations
 
-import enum
 import functools
 
 import torch
 
+from sd3fp8.enums import ChoiceEnum
 from sd3fp8.errors import ConfigError, NonFiniteWeightError
 
+# other spellings of the two formats: fp8-e4m3, e4m3fn, float8_e4m3fn (torch's dtype name), ...
+_FORMAT_ALIASES = {f"{prefix}{name}{suffix}": name for name in ("e4m3", "e5m2") for prefix in ("", "fp8-", "fp8_", "float8_")
+                   for suffix in (("", "fn") if name == "e4m3" else ("",)) if f"{prefix}{name}{suffix}" != name}
 
-class FP8Format(enum.Enum):
+
+class FP8Format(ChoiceEnum, what="FP8 format", aliases=_FORMAT_ALIASES):
     """The two OCP FP8 encodings torch supports."""
 
     E4M3 = "e4m3"  # float8_e4m3fn: no inf, one NaN code per sign, max 448
@@ -30,18 +34,6 @@ class FP8Format(enum.Enum):
         return float(torch.finfo(self.dtype).max)
 
     @classmethod
-    def parse(cls, name: str | FP8Format) -> FP8Format:
-        """Accept "e4m3", "fp8-e4m3", "e4m3fn", "float8_e4m3fn" (and the same for e5m2)."""
-        if isinstance(name, FP8Format):
-            return name
-        key = str(name).lower().removeprefix("fp8-").removeprefix("fp8_").removeprefix("float8_")
-        key = key.removesuffix("fn")
-        for fmt in cls:
-            if fmt.value == key:
-                return fmt
-        raise ConfigError(f"unknown FP8 format {name!r}: expected one of e4m3, e5m2")
-
-    @classmethod
     def from_dtype(cls, dtype: torch.dtype) -> FP8Format:
         for fmt in cls:
             if fmt.dtype == dtype:
@@ -49,21 +41,12 @@ class FP8Format(enum.Enum):
         raise ConfigError(f"{dtype} is not an FP8 dtype this engine supports (float8_e4m3fn, float8_e5m2)")
 
 
-class Granularity(enum.Enum):
+class Granularity(ChoiceEnum, what="scale granularity"):
     """How many scales a weight carries."""
 
     TENSOR = "tensor"  # one scale for the whole tensor
     CHANNEL = "channel"  # one scale per output channel (row of an [out, in] weight)
     NONE = "none"  # no scale: a plain cast (value = stored number), what naive fp8 checkpoints do
-
-    @classmethod
-    def parse(cls, name: str | Granularity) -> Granularity:
-        if isinstance(name, Granularity):
-            return name
-        for g in cls:
-            if g.value == str(name).lower():
-                return g
-        raise ConfigError(f"unknown scale granularity {name!r}: expected 'tensor', 'channel' or 'none'")
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)

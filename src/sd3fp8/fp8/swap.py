@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
 
 from sd3fp8.fp8.linear import ActivationScaling, Backend, FP8Linear
 from sd3fp8.fp8.numerics import FP8Format, Granularity
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule ``name`` (dotted, e.g. ``blocks.0.attn.to_q``) of ``root`` is;
+    returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
 
 
 def quantize_linears(
@@ -29,13 +40,11 @@ def quantize_linears(
     """
     targets = [name for name, m in model.named_modules() if type(m) is nn.Linear and should_quantize(name)]
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
+        linear = cast(nn.Linear, model.get_submodule(name))  # selected above: exactly nn.Linear
         fp8 = FP8Linear.from_linear(
             linear, fmt, granularity, backend, activation=activation, force_fp8=force_fp8, device=device, name=name
         )
-        setattr(parent, child, fp8)
+        replace_module(model, name, fp8)
     return targets
 
 

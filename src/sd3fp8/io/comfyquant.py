@@ -27,22 +27,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-
-import torch
+from typing import TYPE_CHECKING
 
 from sd3fp8.errors import ModelLoadError
-from sd3fp8.fp8.numerics import FP8Format, Granularity
-from sd3fp8.io.checkpoint import DTYPE_NAMES, Header, LazyTensors
+from sd3fp8.io.checkpoint import DTYPE_INFO, Header, LazyTensors
 from sd3fp8.io.layouts import MMDIT_PREFIX
 from sd3fp8.io.safe_read import parse_json
+
+if TYPE_CHECKING:  # the header checks need no torch (`sd3fp8 inspect FILE` stays fast)
+    from sd3fp8.fp8.numerics import FP8Format, Granularity
 
 HEADER_KEY = "_quantization_metadata"
 ENTRY_SUFFIX = ".comfy_quant"
 FULL_PRECISION = "full_precision_matrix_mult"
-COMFY_FORMATS = {"float8_e4m3fn": FP8Format.E4M3, "float8_e5m2": FP8Format.E5M2}  # per tensor: ComfyUI reads them
+# format name -> (FP8Format value, safetensors storage dtype)
+COMFY_FORMATS = {"float8_e4m3fn": ("e4m3", "F8_E4M3"), "float8_e5m2": ("e5m2", "F8_E5M2")}  # per tensor: ComfyUI reads them
 PER_CHANNEL_PREFIX = "sd3fp8_per_channel_"  # ours only: ComfyUI raises KeyError on it, sd3fp8 reads it
 FORMATS = COMFY_FORMATS | {PER_CHANNEL_PREFIX + name: fmt for name, fmt in COMFY_FORMATS.items()}
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +53,22 @@ class LayerQuant:
 
     layer: str  # the file's own name: its weight is ``<layer>.weight``
     format: str
-    fmt: FP8Format
     per_channel: bool
     full_precision: bool  # full_precision_matrix_mult: dequantized, 16/32-bit matmul, input scale unused
+
+    @property
+    def fmt(self) -> FP8Format:
+        from sd3fp8.fp8.numerics import FP8Format
+
+        return FP8Format(FORMATS[self.format][0])
 
 
 def entry(fmt: FP8Format, granularity: Granularity) -> dict:
     """The per-layer entry for a weight quantized to ``fmt`` with ``granularity`` scales."""
-    name = "float8_e4m3fn" if fmt is FP8Format.E4M3 else "float8_e5m2"
-    if granularity is Granularity.CHANNEL:
+    name = "float8_e4m3fn" if fmt.value == "e4m3" else "float8_e5m2"
+    if granularity.value == "channel":
         return {"format": PER_CHANNEL_PREFIX + name}
-    if granularity is Granularity.TENSOR:
+    if granularity.value == "tensor":
         return {"format": name}
     raise ModelLoadError(f"no per-layer format for {granularity.value} scales")
 
@@ -98,9 +105,9 @@ def tensor_entries(files: LazyTensors) -> dict[str, dict]:
     out = {}
     for key, info in files.header.tensors.items():
         if key.endswith(ENTRY_SUFFIX):
-            if info.dtype != torch.uint8 or len(info.shape) != 1:
-                raise ModelLoadError(f"{files.header.path}: {key} must be a 1-D uint8 tensor, found {DTYPE_NAMES[info.dtype]} {list(info.shape)}")
-            out[key.removesuffix(ENTRY_SUFFIX)] = _decode(files.get(key).numpy().tobytes(), f"{files.header.path}: {key}")
+            if info.dtype_name != "U8" or len(info.shape) != 1:
+                raise ModelLoadError(f"{files.header.path}: {key} must be a 1-D uint8 tensor, found {info.dtype_name} {list(info.shape)}")
+            out[key.removesuffix(ENTRY_SUFFIX)] = _decode(files.read_bytes(key), f"{files.header.path}: {key}")
     return out
 
 
@@ -139,8 +146,7 @@ def check(header: Header, entries: dict[str, dict]) -> dict[str, LayerQuant]:
         if problem:
             raise ModelLoadError(f"{header.path}: layer {layer!r} does not match its per-layer quantization entry: {problem}")
         fmt_name = entries[layer]["format"]
-        out[layer] = LayerQuant(layer, fmt_name, FORMATS[fmt_name], fmt_name.startswith(PER_CHANNEL_PREFIX),
-                                bool(entries[layer].get(FULL_PRECISION, False)))
+        out[layer] = LayerQuant(layer, fmt_name, fmt_name.startswith(PER_CHANNEL_PREFIX), bool(entries[layer].get(FULL_PRECISION, False)))
     return out
 
 
@@ -150,12 +156,12 @@ def _problem(header: Header, layer: str, declared: dict) -> str | None:
     weight = tensors.get(layer + ".weight")
     if weight is None:
         return "the file holds no weight for it"
-    storage = FORMATS[fmt_name].dtype
-    if weight.dtype != storage:
-        stored = f"{DTYPE_NAMES[weight.dtype]} {list(weight.shape)}"
-        if weight.dtype.itemsize == storage.itemsize:
+    storage = FORMATS[fmt_name][1]
+    if weight.dtype_name != storage:
+        stored = f"{weight.dtype_name} {list(weight.shape)}"
+        if weight.itemsize == DTYPE_INFO[storage][0]:
             return f"declared {fmt_name} but the weight is stored as {stored}"
-        expected = weight.numel * storage.itemsize
+        expected = weight.numel * DTYPE_INFO[storage][0]
         return (f"declared {fmt_name} (1 byte a weight) but the weight is stored as {stored}: {weight.nbytes} bytes, "
                 f"{weight.nbytes / max(expected, 1):g}x the {expected} bytes it needs")
     if len(weight.shape) != 2:
@@ -164,12 +170,12 @@ def _problem(header: Header, layer: str, declared: dict) -> str | None:
     if scale is None:
         return "no weight_scale"
     channels = fmt_name.startswith(PER_CHANNEL_PREFIX)
-    if scale.dtype not in FLOAT_DTYPES or scale.numel != (weight.shape[0] if channels else 1):
+    if scale.dtype_name not in FLOAT_DTYPES or scale.numel != (weight.shape[0] if channels else 1):
         want = f"{weight.shape[0]} per-channel values" if channels else "one value (ComfyUI's FP8 layout is per tensor)"
-        return f"weight_scale is {DTYPE_NAMES[scale.dtype]} {list(scale.shape)}, expected float32 with {want}"
+        return f"weight_scale is {scale.dtype_name} {list(scale.shape)}, expected float32 with {want}"
     input_scale = tensors.get(layer + ".input_scale")
-    if input_scale is not None and (input_scale.dtype not in FLOAT_DTYPES or input_scale.numel != 1):
-        return f"input_scale is {DTYPE_NAMES[input_scale.dtype]} {list(input_scale.shape)}, expected one float value"
+    if input_scale is not None and (input_scale.dtype_name not in FLOAT_DTYPES or input_scale.numel != 1):
+        return f"input_scale is {input_scale.dtype_name} {list(input_scale.shape)}, expected one float value"
     if not isinstance(declared.get(FULL_PRECISION, False), bool):
         return f"{FULL_PRECISION} is {declared[FULL_PRECISION]!r}, expected true or false"
     return None

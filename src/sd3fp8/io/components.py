@@ -3,7 +3,7 @@
 Files carry weights but no configs, so each config is read from the tensors' shapes (width,
 depth, vocabulary, feed-forward size) plus the few facts shapes cannot tell, which are fixed for
 SD3 (64-wide attention heads, CLIP-L's quick-GELU, the VAE's 32 norm groups and latent
-scale/shift). Models are built with empty parameters and given the file's (memory-mapped)
+scale/shift). Models are built with empty parameters and given the file's (read one at a time)
 tensors; FP8 tensors follow the same rules as the MMDiT (see ``singlefile.materialize``).
 """
 
@@ -19,7 +19,7 @@ from sd3fp8.errors import ModelLoadError
 from sd3fp8.fp8.numerics import all_finite
 from sd3fp8.io.checkpoint import LazyTensors
 from sd3fp8.io.comfyquant import quant_layers
-from sd3fp8.io.singlefile import FP8Recipe, gather_tensors, materialize, same_name
+from sd3fp8.io.singlefile import FP8Scheme, gather_tensors, materialize, same_name
 
 HEAD_DIM = 64  # CLIP-L (768 = 12 x 64), CLIP-G (1280 = 20 x 64)
 VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR = 1.5305, 0.0609  # SD3's latent normalisation (not in the weights)
@@ -126,7 +126,7 @@ def _clip_key(key: str):
     return [] if key.endswith("position_ids") else same_name(key)
 
 
-def load_clip(source: FileSource, kind: str, eos_token_id: int, dtype: torch.dtype, recipe: FP8Recipe | None):
+def load_clip(source: FileSource, kind: str, eos_token_id: int, dtype: torch.dtype, scheme: FP8Scheme | None):
     """CLIPTextModelWithProjection from a file (a missing ``text_projection`` is the identity)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -138,11 +138,11 @@ def load_clip(source: FileSource, kind: str, eos_token_id: int, dtype: torch.dty
         modules, others, weights_only = gather_tensors(files, source.prefix, _clip_key, quant)
         if "text_projection" not in modules:
             modules["text_projection"] = type(next(iter(modules.values())))(weight=torch.eye(config.hidden_size))
-        names = materialize(model, modules, others, dtype, recipe, source.path, weights_only)
+        names = materialize(model, modules, others, dtype, scheme, source.path, weights_only)
     return model.eval(), names
 
 
-def load_t5(source: FileSource, dtype: torch.dtype, recipe: FP8Recipe | None):
+def load_t5(source: FileSource, dtype: torch.dtype, scheme: FP8Scheme | None):
     """T5EncoderModel from a file in any precision (16-bit, plain FP8 cast, ComfyUI scaled FP8).
 
     ``wo`` stays float32 beside 16-bit weights, as transformers keeps it (fp16 overflows there).
@@ -155,7 +155,7 @@ def load_t5(source: FileSource, dtype: torch.dtype, recipe: FP8Recipe | None):
         model = _empty(T5EncoderModel, config)
         modules, others, weights_only = gather_tensors(files, source.prefix, same_name, quant)
         fp32 = ("wo",) if dtype in (torch.float16, torch.bfloat16) else ()
-        names = materialize(model, modules, others, dtype, recipe, source.path, weights_only, fp32_modules=fp32)
+        names = materialize(model, modules, others, dtype, scheme, source.path, weights_only, fp32_modules=fp32)
     return model.eval(), names
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-import torch
-
 from sd3fp8.errors import ModelLoadError
 from sd3fp8.io.checkpoint import Header
 from sd3fp8.io.comfyquant import ENTRY_SUFFIX, HEADER_KEY, check_header
@@ -63,7 +61,7 @@ def fp8_flavour(header: Header) -> str:
         return "comfy-scaled"
     if "sd3fp8_format_version" in header.metadata:
         return "sd3fp8"
-    if any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in header.tensors.values()):
+    if any(t.dtype_name in ("F8_E4M3", "F8_E5M2") for t in header.tensors.values()):
         return "plain-cast"
     return "none"
 
@@ -85,7 +83,7 @@ def detect(header: Header) -> Detection:
     """Identify a checkpoint; raise ModelLoadError naming anything we cannot run."""
     keys = list(header.tensors)
     shapes = header.shapes()
-    dtypes = dict(Counter(str(t.dtype).removeprefix("torch.") for t in header.tensors.values()))
+    dtypes = dict(Counter(t.torch_name for t in header.tensors.values()))
     flavour = fp8_flavour(header)
     for name, prefixes in FOREIGN.items():
         if _has_prefix(keys, prefixes):

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from sd3fp8.errors import ModelLoadError
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: reading keys and shapes needs none
+    import torch
 
 MMDIT_PREFIX = "model.diffusion_model."
 HEAD_DIM = 64  # every released SD3/SD3.5 MMDiT uses 64-wide heads (depth = hidden / 64)
@@ -36,6 +38,8 @@ class Transform:
         if self.parts > 1:
             tensor = tensor.chunk(self.parts, dim=0)[self.index]
         if self.swap_halves:
+            import torch
+
             shift, scale = tensor.chunk(2, dim=0)
             tensor = torch.cat([scale, shift], dim=0)
         return tensor
@@ -126,6 +130,8 @@ def original_module_names(num_layers: int) -> list[str]:
 def diffusers_state_to_original(state: dict[str, torch.Tensor], num_layers: int, prefix: str = MMDIT_PREFIX) -> dict[str, torch.Tensor]:
     """The inverse mapping: a diffusers SD3Transformer2DModel state dict in the original layout
     (q, k, v fused back into ``qkv``; swapped adaLN halves swapped back)."""
+    import torch
+
     out = {prefix + "pos_embed": state["pos_embed.pos_embed"]} if "pos_embed.pos_embed" in state else {}
     for module in original_module_names(num_layers):
         targets = original_module_to_diffusers(module, num_layers)

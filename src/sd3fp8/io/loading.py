@@ -15,7 +15,7 @@ from sd3fp8.fp8.swap import quantize_linears
 from sd3fp8.io.checkpoint import read_header
 from sd3fp8.io.components import load_clip, load_t5, load_vae
 from sd3fp8.io.folders import check_component_folder
-from sd3fp8.io.singlefile import FP8Recipe, load_mmdit
+from sd3fp8.io.singlefile import FP8Scheme, load_mmdit
 from sd3fp8.io.sources import ModelSources
 from sd3fp8.policy import Policy, Precision
 
@@ -27,7 +27,7 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 class LoadSettings:
     device: torch.device
     compute_dtype: torch.dtype
-    backend: Backend = Backend.AUTO
+    backend: Backend = Backend.WEIGHT_ONLY  # the transformer's, resolved (engine.loader resolves it once)
     force_fp8: bool = False
     activation: ActivationScaling = ActivationScaling.TENSOR
 
@@ -76,25 +76,24 @@ def _from_folder(name: str, sources: ModelSources, dtype: torch.dtype):
 def load_component(name: str, sources: ModelSources, policy: Policy, settings: LoadSettings, tokenizers: dict):
     """(module on the device, names of its FP8 linears) for one component."""
     dtype = policy.precision(name).storage_dtype(settings.compute_dtype)
-    recipe = FP8Recipe.from_policy(policy, name, settings.device, settings.backend,
-                                   settings.force_fp8 and name == "transformer", settings.activation)
+    scheme = FP8Scheme.from_policy(policy, name, settings.backend, settings.activation)
     source = sources.files.get(name)
     if source is None:
         module = _from_folder(name, sources, dtype)
         names = []
-        if recipe is not None:
-            names = quantize_linears(module, recipe.keep, recipe.fmt, recipe.granularity, recipe.backend, device=settings.device,
-                                     force_fp8=settings.force_fp8 and name == "transformer", activation=recipe.activation)
+        if scheme is not None:
+            names = quantize_linears(module, scheme.keep, scheme.fmt, scheme.granularity, scheme.backend, device=settings.device,
+                                     force_fp8=settings.force_fp8 and name == "transformer", activation=scheme.activation)
     elif name == "transformer":
         module, names, detection = load_mmdit(source.path, policy, dtype, settings.device, settings.backend,
                                               settings.force_fp8, settings.activation)
     elif name == "vae":
         module, names = load_vae(source, dtype), []
     elif name == "text_encoder_3":
-        module, names = load_t5(source, dtype, recipe)
+        module, names = load_t5(source, dtype, scheme)
     else:
         kind = "clip-l" if name == "text_encoder" else "clip-g"
-        module, names = load_clip(source, kind, tokenizers[name.replace("text_encoder", "tokenizer")].eos_token_id, dtype, recipe)
+        module, names = load_clip(source, kind, tokenizers[name.replace("text_encoder", "tokenizer")].eos_token_id, dtype, scheme)
     log.info("%s from %s: %d FP8 linears", name, source or sources.folder, len(names))
     return module.to(settings.device).eval(), names
 

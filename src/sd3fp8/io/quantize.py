@@ -1,7 +1,7 @@
 """`sd3fp8 quantize`: convert a 16/32-bit checkpoint to FP8 by streaming, tensor by tensor.
 
 The output header is planned from the source header alone (every output tensor's dtype and shape
-is known before any data is read), written first, then each tensor is read (memory-mapped),
+is known before any data is read), written first, then each tensor is read (one at a time, plain reads),
 converted and appended: peak memory is a few copies of the largest tensor, never the model.
 Output goes to a temporary file beside the destination and is renamed at the very end.
 

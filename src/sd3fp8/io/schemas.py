@@ -8,12 +8,14 @@ Every refusal is one error naming the file, the field and what was wrong.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 from sd3fp8.errors import ConfigError, ModelLoadError, SD3FP8Error
 from sd3fp8.io.safe_read import parse_json, read_json
 
+log = logging.getLogger(__name__)
 REQUIRED = object()
 MAX_DIM = 2**20  # widths, vocabularies, channels: far beyond any SD3 component
 MAX_DEPTH_LAYERS = 1024  # blocks per model (SD3.5 Large has 38; T5-XXL 24): beyond is a typo or an attack
@@ -127,12 +129,22 @@ def model_index(path: Path) -> dict:
     return data
 
 
+RECIPE_SECTIONS = ("name", "description", "defaults", "world", "captions", "text_modes", "training")
+RECIPE_DEFAULTS = ("steps", "cfg", "width", "height", "max_sequence_length")
+
+
 def recipe(path: Path) -> dict:
     """The optional sd3fp8.json beside model_index.json: generation defaults and the model's world."""
     f = Fields(read_json(path, "recipe"), str(path))
+    unknown_sections = sorted(set(f.data) - set(RECIPE_SECTIONS))
+    if unknown_sections:  # a newer sd3fp8 may write more: said, not fatal
+        log.warning("%s: ignoring unknown section(s) %s", path, ", ".join(unknown_sections))
     out = {"world": f.string("world", None), "defaults": {}}
     d = f.object("defaults", None)
     if d is not None:
+        unknown = sorted(set(d.data) - set(RECIPE_DEFAULTS))
+        if unknown:
+            raise f.fail(f"unknown default(s) {', '.join(unknown)}: expected some of {', '.join(RECIPE_DEFAULTS)}")
         values = {"steps": d.int("steps", 1, 1000, None), "cfg": d.number("cfg", 0, 100, None),
                   "width": d.int("width", 16, 4096, None), "height": d.int("height", 16, 4096, None),
                   "max_sequence_length": d.int("max_sequence_length", 1, 512, None)}

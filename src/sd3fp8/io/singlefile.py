@@ -1,7 +1,7 @@
 """Build an SD3Transformer2DModel from an original-layout single file, in any precision it holds.
 
 The model is built on the ``meta`` device and real tensors are assigned (never allocated twice);
-file tensors are memory-mapped. FP8 weights that the policy keeps FP8 stay byte-identical
+file tensors are read one at a time (io/checkpoint.LazyTensors). FP8 weights that the policy keeps FP8 stay byte-identical
 (a fused ``qkv`` is split with its shared scale); FP8 weights the policy wants in 16 bit are
 dequantized; 16/32-bit weights the policy wants in FP8 are quantized as they are read.
 """
@@ -17,6 +17,7 @@ from torch import nn
 from sd3fp8.errors import ModelLoadError
 from sd3fp8.fp8.linear import ActivationScaling, Backend, FP8Linear, resolve_backend
 from sd3fp8.fp8.numerics import FP8Format, Granularity, all_finite, dequantize, is_fp8, quantize_weight
+from sd3fp8.fp8.swap import replace_module
 from sd3fp8.io.checkpoint import LazyTensors
 from sd3fp8.io.comfyquant import ENTRY_SUFFIX, LayerQuant, quant_layers
 from sd3fp8.io.detection import detect
@@ -101,8 +102,8 @@ def gather_mmdit_tensors(files: LazyTensors, num_layers: int, quant: dict[str, L
 
 
 @dataclasses.dataclass(frozen=True)
-class FP8Recipe:
-    """Which linears of a component become FP8Linear, and how they run."""
+class FP8Scheme:
+    """Which linears of a component become FP8Linear, and how they run (``backend`` resolved, never auto)."""
 
     keep: Callable[[str], bool]  # module name -> FP8?
     fmt: FP8Format
@@ -111,20 +112,21 @@ class FP8Recipe:
     activation: ActivationScaling = ActivationScaling.TENSOR
 
     @classmethod
-    def from_policy(cls, policy: Policy, component: str, device, backend, force_fp8: bool, activation) -> FP8Recipe | None:
+    def from_policy(cls, policy: Policy, component: str, backend: Backend, activation) -> FP8Scheme | None:
+        """``backend``: the transformer's, as resolve_backend gave it."""
         precision = policy.precision(component)
         if not precision.is_fp8:
             return None
         # text encoders run once per prompt: weight-only is cheaper than quantizing activations
-        resolved = resolve_backend(backend, device, force_fp8) if component == "transformer" else Backend.WEIGHT_ONLY
-        return cls(policy.layer_filter(component), precision.fp8_format, policy.granularity, resolved, ActivationScaling.parse(activation))
+        own = backend if component == "transformer" else Backend.WEIGHT_ONLY
+        return cls(policy.layer_filter(component), precision.fp8_format, policy.granularity, own, ActivationScaling.parse(activation))
 
 
 def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict[str, torch.Tensor], dtype: torch.dtype,
-                recipe: FP8Recipe | None, path, weights_only: bool = False, fp32_modules: tuple[str, ...] = ()) -> list[str]:
+                scheme: FP8Scheme | None, path, weights_only: bool = False, fp32_modules: tuple[str, ...] = ()) -> list[str]:
     """Give ``model`` (parameters on meta) its tensors from a file; returns the names of its FP8 linears.
 
-    Linears the recipe keeps FP8 become FP8Linear (FP8 bytes of a matching format kept as they are),
+    Linears the scheme keeps FP8 become FP8Linear (FP8 bytes of a matching format kept as they are),
     the rest are dequantized/cast to ``dtype`` (modules named in ``fp32_modules`` stay float32).
     """
     state: dict[str, torch.Tensor] = {}
@@ -140,10 +142,8 @@ def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict
             raise ModelLoadError(f"{path}: {name}.weight has shape {list(src.weight.shape)}, expected {[module.out_features, module.in_features]}")
         if (src.bias is None) != (module.bias is None):
             raise ModelLoadError(f"{path}: bias of {name!r} is {'missing' if src.bias is None else 'unexpected'}")
-        if recipe is not None and recipe.keep(name):
-            layer = _fp8_layer(name, module, src, recipe, weights_only, dtype, path)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer)
+        if scheme is not None and scheme.keep(name):
+            replace_module(model, name, _fp8_layer(name, module, src, scheme, weights_only, dtype, path))
             fp8_names.append(name)
             continue
         own = torch.float32 if name.rpartition(".")[2] in fp32_modules else dtype
@@ -203,8 +203,8 @@ def load_mmdit(
         sources, others, weights_only = gather_mmdit_tensors(files, config["num_layers"], quant_layers(files))
         with torch.device("meta"):
             model = SD3Transformer2DModel(**config)
-        recipe = FP8Recipe.from_policy(policy, "transformer", device, backend, force_fp8, activation)
-        fp8_names = materialize(model, sources, others, compute_dtype, recipe, path, weights_only)
+        scheme = FP8Scheme.from_policy(policy, "transformer", resolve_backend(backend, device, force_fp8), activation)
+        fp8_names = materialize(model, sources, others, compute_dtype, scheme, path, weights_only)
     return model.eval(), fp8_names, detection
 
 
@@ -214,11 +214,11 @@ def _checked(tensor: torch.Tensor, name: str, path) -> torch.Tensor:
     return tensor
 
 
-def _fp8_layer(name, module, src: SourceLinear, recipe: FP8Recipe, weights_only: bool, compute_dtype, path) -> FP8Linear:
+def _fp8_layer(name, module, src: SourceLinear, scheme: FP8Scheme, weights_only: bool, compute_dtype, path) -> FP8Linear:
     """An FP8Linear from file tensors: FP8 bytes kept as they are when the format matches. A layer
     the file marks full precision (``full_precision_matrix_mult``, or ComfyUI's 2-element marker)
     runs weight-only: 16/32-bit matmul, as ComfyUI runs it, and its input scale is not used."""
-    fmt, granularity = recipe.fmt, recipe.granularity
+    fmt, granularity = scheme.fmt, scheme.granularity
     full_precision = src.full_precision or weights_only
     if is_fp8(src.weight.dtype) and src.weight.dtype == fmt.dtype:
         _checked(src.weight, name + ".weight", path)
@@ -231,9 +231,9 @@ def _fp8_layer(name, module, src: SourceLinear, recipe: FP8Recipe, weights_only:
             scale = src.weight_scale if src.weight_scale is not None else torch.tensor(1.0)
             weight = dequantize(weight, scale.reshape(-1, 1) if scale.dim() else scale)
         weight_fp8, scale = quantize_weight(weight, fmt, granularity, f"{path}: {name}.weight")
-    backend = Backend.WEIGHT_ONLY if full_precision else recipe.backend
+    backend = Backend.WEIGHT_ONLY if full_precision else scheme.backend
     layer = FP8Linear(module.in_features, module.out_features, bias=module.bias is not None, fmt=fmt,
-                      granularity=granularity, backend=backend, activation=recipe.activation, device="meta")
+                      granularity=granularity, backend=backend, activation=scheme.activation, device="meta")
     layer.weight, layer.weight_scale = weight_fp8, scale.float()
     if src.bias is not None:
         layer.bias = nn.Parameter(_checked(src.bias, name + ".bias", path).to(compute_dtype), requires_grad=False)

@@ -72,17 +72,17 @@ def _update(model, x, model_prev, t_prev, t, order: int, use_corrector: bool, bh
     model_prev_0 = model_prev[-1]
     alpha_t = torch.exp(_VP.log_alpha(t))
     h = lambda_t - lambda_prev_0
-    rks, d1s = [], []
+    rk_list, d1_list = [], []
     for i in range(1, order):
         rk = ((_VP.lam(t_prev[-(i + 1)]) - lambda_prev_0) / h)[0]
-        rks.append(rk)
-        d1s.append((model_prev[-(i + 1)] - model_prev_0) / rk)
-    rks.append(1.0)
-    rks = torch.tensor(rks, device=x.device)
+        rk_list.append(rk)
+        d1_list.append((model_prev[-(i + 1)] - model_prev_0) / rk)
+    rk_list.append(1.0)
+    rks = torch.tensor(rk_list, device=x.device)
     hh = -h[0]
     b_h, b = _coefficients(hh, order, bh2)
     r_mat = torch.stack([torch.pow(rks, i - 1) for i in range(1, order + 1)])
-    d1s = torch.stack(d1s, dim=1) if d1s else None  # [B, K, C, H, W]
+    d1s = torch.stack(d1_list, dim=1) if d1_list else None  # [B, K, C, H, W]
 
     x_t_ = _expand(_VP.std(t) / _VP.std(t_prev[-1]), ndim) * x - _expand(alpha_t * torch.expm1(hh), ndim) * model_prev_0
     pred_res = 0
