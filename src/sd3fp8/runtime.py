@@ -27,12 +27,21 @@ class RuntimeConfig:
     # is the largest stage instead of the sum, at the price of loading on every call)
     offload: str = "none"
     watch_clipping: bool = False  # count scaled-mm calls clipped by static (calibrated) input scales
+    compile: bool = False  # torch.compile the transformer (inductor: fused quantization, fused epilogues)
+    fast_accum: bool = True  # _scaled_mm's use_fast_accum (torchao's inference default); off: full-precision accumulation
+    # fuse each attention's q/k/v FP8 layers into one (one activation quantization instead of three):
+    # auto = where the layers quantize activations (scaled-mm, emulated), on = all FP8 layers, off
+    fuse_qkv: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend.parse(self.backend))
         object.__setattr__(self, "activation", ActivationScaling.parse(self.activation))
         if self.offload not in ("none", "model", "stages"):
             raise ConfigError(f"unknown offload mode {self.offload!r}: expected none, model or stages")
+        if self.fuse_qkv not in ("auto", "on", "off"):
+            raise ConfigError(f"unknown fuse_qkv {self.fuse_qkv!r}: expected auto, on or off")
+        if self.compile and self.offload == "stages":
+            raise ConfigError("--compile with --offload stages would recompile the transformer for every image: use --offload none or model")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"unknown compute dtype {self.dtype!r}: expected auto, bf16, fp16 or fp32")
 

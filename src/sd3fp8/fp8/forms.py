@@ -204,12 +204,15 @@ def scaled_mm(layer, plan: Plan, x: torch.Tensor) -> torch.Tensor:
         scale_b = w_scale.reshape(1) if w_scale.numel() == 1 else one
         post = [s for s in (x_scale if x_scale.numel() > 1 else None, w_scale if w_scale.numel() > 1 else None) if s is not None]
     bias = layer.bias.to(plan.out_dtype) if plan.fused_bias else None
-    try:
+    if torch.compiler.is_compiling():  # planned and probed before compiling; no fallback inside a graph
         y = call_scaled_mm(xq, layer.weight.t(), scale_a, scale_b, bias, plan.out_dtype, layer.fast_accum)
-    except torch.OutOfMemoryError:
-        raise
-    except PROBE_ERRORS as e:
-        raise ScaledMMFailed(f"{type(e).__name__}: {e}") from e
+    else:
+        try:
+            y = call_scaled_mm(xq, layer.weight.t(), scale_a, scale_b, bias, plan.out_dtype, layer.fast_accum)
+        except torch.OutOfMemoryError:
+            raise
+        except PROBE_ERRORS as e:
+            raise ScaledMMFailed(f"{type(e).__name__}: {e}") from e
     if post is not None:
         scale = post[0] if len(post) == 1 else post[0] * post[1]
         return _add_scale_bias(layer, y.float() if y.dtype != torch.float32 else y, scale).to(x.dtype)

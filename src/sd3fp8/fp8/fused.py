@@ -55,9 +55,7 @@ def fuse_linears(layers: list[FP8Linear]) -> FP8Linear | None:
         # q, k and v read the same tensor, so calibration gives them the same range; the largest
         # covers all three should they differ
         fused.set_input_scale(torch.stack([layer.input_scale for layer in layers]).max())
-    if first.clip_watch is not None:
-        counter, name = first.clip_watch
-        fused.clip_watch = (counter, name.rpartition(".")[0] + ".fused_qkv")
+    fused.clip_watch = first.clip_watch  # renamed by fuse_qkv
     fused.parts = [layer.out_features for layer in layers]
     return fused
 
@@ -124,6 +122,8 @@ def fuse_qkv(model: nn.Module, backends: tuple[Backend, ...] = (Backend.SCALED_M
             for p in parts:
                 delattr(attn, p)
             setattr(attn, fused_name, fused)
+            if fused.clip_watch is not None:
+                fused.clip_watch = (fused.clip_watch[0], f"{name}.{fused_name}")
             fused_names.append(f"{name}.{fused_name}")
         if any(getattr(attn, f, None) is not None for f in PROJECTIONS):
             attn.set_processor(FusedFP8JointAttnProcessor())
