@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from sd3fp8.errors import ConfigError
+from sd3fp8.evalkit.synthetic import SYNTHETIC_HEADS
 from sd3fp8.policy import Policy
 
 REFERENCE = "bf16"
@@ -47,7 +48,7 @@ CONFIGS = {
     "plain-cast": ({"transformer": "auto"}, {}, "plain-cast"),
 }
 DEFAULT_CONFIGS = ("bf16", "fp32", "sd3fp8", "diffusers-layerwise", "quanto-qfloat8", "torchao-float8-wo", "plain-cast")
-SYNTHETIC = {"medium": 24, "large": 38}  # attention heads (x 64 = width)
+SYNTHETIC = SYNTHETIC_HEADS  # --synthetic kinds: attention heads (x 64 = width)
 EXTRA_HINT = "pip install 'sd3fp8[bench]'"
 
 
@@ -123,9 +124,18 @@ def apply_route(route: str, transformer: nn.Module, keep, compute_dtype: torch.d
 # ---- one configuration, in its own process ---------------------------------------------------
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the peak since the last :func:`reset_peak_memory` (one phase); CPU: the process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a phase (load, run): CUDA's peak restarts from what is allocated now. (A CPU's peak RSS
+    cannot be reset: there the run phase's figure includes loading.)"""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 class CallTimer:
@@ -172,12 +182,13 @@ def _component_bytes(module: nn.Module | None) -> int:
 
 def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
     from sd3fp8.engine.pipeline import SD3FP8Pipeline
-    from sd3fp8.runtime import RuntimeConfig
+    from sd3fp8.runtime import RuntimeConfig, resolve_device
 
     policy_changes, runtime_changes, route = CONFIGS[name]
     if route == "calibrated" and spec.calibration is None:
         raise ConfigError("sd3fp8-static needs a calibration file: --calibration FILE")
     start = time.perf_counter()
+    reset_peak_memory(resolve_device("auto"))
     engine = SD3FP8Pipeline.from_pretrained(
         spec.model, Policy().replace(**policy_changes), RuntimeConfig(**runtime_changes),
         calibration=spec.calibration if route == "calibrated" else None,
@@ -185,6 +196,7 @@ def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
     if route not in (None, "calibrated"):
         apply_route(route, engine.component("transformer"), Policy().layer_filter("transformer"), engine.compute_dtype)
     load_seconds = time.perf_counter() - start
+    load_peak = peak_memory_bytes(engine.device)
     timer = CallTimer(engine.component("transformer"), engine.device)
     step_ends: list[float] = []
 
@@ -197,6 +209,7 @@ def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
 
     generate(spec.prompts[0], 0)  # warm-up: allocator, kernels, decode tables
     timer.times.clear()
+    reset_peak_memory(engine.device)
     seconds, step_times = [], []
     image_dir = Path(spec.out) / "raw" / "images" / name
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -215,60 +228,10 @@ def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
         "seconds_per_step": statistics.median(step_times) if step_times else statistics.median(seconds) / spec.steps,
         "transformer_seconds_per_call": statistics.median(timer.times),
         "peak_memory_bytes": peak_memory_bytes(engine.device),
+        "load_peak_memory_bytes": load_peak,
         "bytes": components,
         "compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
         "device": str(engine.device),
-    }
-
-
-def run_synthetic_config(name: str, spec: BenchSpec) -> dict:
-    """The transformer alone at SD3.5 width: random weights (seeded), one input, forward timed."""
-    from diffusers import SD3Transformer2DModel
-
-    from sd3fp8.fp8.swap import quantize_linears
-    from sd3fp8.policy import Precision
-    from sd3fp8.runtime import DTYPES, resolve_compute_dtype, resolve_device
-
-    policy_changes, runtime_changes, route = CONFIGS[name]
-    if route == "calibrated":
-        raise ConfigError("sd3fp8-static is not available for synthetic transformers (nothing to calibrate on)")
-    policy = Policy().replace(**policy_changes)
-    device = resolve_device("auto")
-    compute = resolve_compute_dtype("auto", device, policy.transformer)
-    heads = SYNTHETIC[spec.synthetic]
-    torch.manual_seed(0)
-    spec = dataclasses.replace(spec, width=spec.width or 512, height=spec.height or 512)
-    start = time.perf_counter()
-    model = SD3Transformer2DModel(num_layers=spec.blocks, num_attention_heads=heads, attention_head_dim=64, joint_attention_dim=4096,
-                                  caption_projection_dim=64 * heads, pooled_projection_dim=2048, pos_embed_max_size=96,
-                                  sample_size=spec.height // 8, qk_norm="rms_norm").eval()
-    storage = compute if policy.transformer in (Precision.AUTO,) or policy.transformer.is_fp8 else DTYPES[policy.transformer.value]
-    model = model.to(device, storage)
-    keep = policy.layer_filter("transformer")
-    if policy.transformer.is_fp8:
-        quantize_linears(model, keep, policy.transformer.fp8_format, policy.granularity, device=device,
-                         force_fp8=runtime_changes.get("force_fp8", False))
-    elif route is not None:
-        apply_route(route, model, Policy().layer_filter("transformer"), compute)
-    load_seconds = time.perf_counter() - start
-    g = torch.Generator().manual_seed(1)
-    latent = spec.height // 8, spec.width // 8
-    inputs = dict(hidden_states=torch.randn(1, 16, *latent, generator=g), encoder_hidden_states=torch.randn(1, 333, 4096, generator=g),
-                  pooled_projections=torch.randn(1, 2048, generator=g), timestep=torch.tensor([500.0]))
-    inputs = {k: v.to(device, compute if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-    timer = CallTimer(model, device)
-    with torch.inference_mode():
-        out = model(**inputs).sample  # warm-up
-        timer.times.clear()
-        for _ in range(spec.repeats):
-            out = model(**inputs).sample
-    Path(spec.out, "raw").mkdir(parents=True, exist_ok=True)
-    torch.save(out.float().cpu(), Path(spec.out, "raw", f"{name}.pt"))
-    return {
-        "load_seconds": load_seconds, "seconds_per_step": statistics.median(timer.times),
-        "transformer_seconds_per_call": statistics.median(timer.times), "seconds_per_image": None,
-        "peak_memory_bytes": peak_memory_bytes(device), "bytes": {"transformer": _component_bytes(model)},
-        "compute_dtype": str(compute).removeprefix("torch."), "device": str(device),
     }
 
 
@@ -278,6 +241,8 @@ def worker(name: str, spec_json: str) -> None:
     quiet_libraries()
     spec = BenchSpec(**json.loads(spec_json))
     spec = dataclasses.replace(spec, prompts=tuple(spec.prompts))
+    from sd3fp8.evalkit.synthetic import run_synthetic_config
+
     result = (run_synthetic_config if spec.synthetic else run_pipeline_config)(name, spec)
     print("SD3FP8-BENCH " + json.dumps(result))
 
