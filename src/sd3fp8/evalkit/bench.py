@@ -41,6 +41,10 @@ CONFIGS = {
     "sd3fp8": ({}, {}, None),  # weight-only (on GPUs with FP8 tensor cores: auto = scaled-mm)
     "sd3fp8-scaled-mm": ({}, {"force_fp8": True}, None),  # W8A8, dynamic per-tensor activation scales
     "sd3fp8-static": ({}, {"force_fp8": True}, "calibrated"),  # W8A8 with calibrated static scales
+    # torch.compile'd transformers (the first step compiles: excluded by the warm-up image)
+    "bf16-compile": ({"transformer": "bf16"}, {"compile": True}, None),
+    "sd3fp8-compile": ({}, {"compile": True}, None),
+    "sd3fp8-static-compile": ({}, {"force_fp8": True, "compile": True}, "calibrated"),
     "diffusers-layerwise": ({"transformer": "auto"}, {}, "layerwise"),
     "quanto-qfloat8": ({"transformer": "auto"}, {}, "quanto"),
     "torchao-float8-wo": ({"transformer": "auto"}, {}, "torchao-wo"),

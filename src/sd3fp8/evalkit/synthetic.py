@@ -102,10 +102,10 @@ def run_synthetic_config(name: str, spec: BenchSpec) -> dict:
     start = time.perf_counter()
     reset_peak_memory(device)
     model = build_synthetic(spec.synthetic, spec.blocks, spec.height, storage, to_fp8, keep).to(device)
-    if fp8:
-        prepare_transformer(model, RuntimeConfig(**runtime_changes), device, compute)
-    elif route is not None:
+    if route is not None and not fp8:
         apply_route(route, model, keep, compute)
+    if fp8 or runtime_changes.get("compile"):
+        prepare_transformer(model, RuntimeConfig(**runtime_changes), device, compute)
     load_seconds, load_peak = time.perf_counter() - start, peak_memory_bytes(device)
     g = torch.Generator().manual_seed(1)
     latent = spec.height // 8, spec.width // 8

@@ -209,7 +209,7 @@ def scaled_mm(layer, plan: Plan, x: torch.Tensor) -> torch.Tensor:
     else:
         try:
             y = call_scaled_mm(xq, layer.weight.t(), scale_a, scale_b, bias, plan.out_dtype, layer.fast_accum)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from 2.5; this alias exists in 2.4 too
             raise
         except PROBE_ERRORS as e:
             raise ScaledMMFailed(f"{type(e).__name__}: {e}") from e

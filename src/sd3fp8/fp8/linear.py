@@ -179,8 +179,9 @@ class FP8Linear(nn.Module):
 
         fmt: "e4m3" or "e5m2". granularity: "tensor" or "channel" (one scale per output row).
         backend: "auto" (scaled-mm on GPUs with FP8 tensor cores, else weight-only),
-        "scaled-mm" or "weight-only". ``device`` is where the layer will run (default: where
-        ``linear`` is); ``force_fp8`` runs scaled-mm anywhere (exact but slow on CPU).
+        "scaled-mm", "weight-only" or "emulated". ``device`` is where the layer will run (default:
+        where ``linear`` is); ``force_fp8`` runs W8A8 anywhere (scaled-mm; emulated on GPUs without
+        FP8 cores; exact but slow on CPU).
         ``input_scale`` sets a static (calibrated) activation scale for scaled-mm.
         """
         fmt, granularity = FP8Format.parse(fmt), Granularity.parse(granularity)
@@ -205,6 +206,8 @@ class FP8Linear(nn.Module):
 
     def set_input_scale(self, scale: float | torch.Tensor | None) -> None:
         """Set (or clear, with None) the static activation scale used by scaled-mm."""
+        if self.backend is Backend.SCALED_MM:
+            self.plan = None  # static or dynamic scales may need another form: chosen again at the next call
         if scale is None:
             self.input_scale = None
             return
