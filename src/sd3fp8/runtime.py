@@ -44,12 +44,21 @@ class RuntimeConfig:
     activation: ActivationScaling = ActivationScaling.TENSOR
     offload: Offload = Offload.NONE
     watch_clipping: bool = False  # count scaled-mm calls clipped by static (calibrated) input scales
+    compile: bool = False  # torch.compile the transformer (inductor: fused quantization, fused epilogues)
+    fast_accum: bool = True  # _scaled_mm's use_fast_accum (torchao's inference default); off: full-precision accumulation
+    # fuse each attention's q/k/v FP8 layers into one (one activation quantization instead of three):
+    # auto = where the layers quantize activations (scaled-mm, emulated), on = all FP8 layers, off
+    fuse_qkv: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend.parse(self.backend))
         object.__setattr__(self, "activation", ActivationScaling.parse(self.activation))
         object.__setattr__(self, "dtype", ComputeDtype.parse(self.dtype))
         object.__setattr__(self, "offload", Offload.parse(self.offload))
+        if self.fuse_qkv not in ("auto", "on", "off"):
+            raise ConfigError(f"unknown fuse_qkv {self.fuse_qkv!r}: expected auto, on or off")
+        if self.compile and self.offload is Offload.STAGES:
+            raise ConfigError("--compile with --offload stages would recompile the transformer for every image: use --offload none or model")
 
 
 def resolve_device(name: str) -> torch.device:

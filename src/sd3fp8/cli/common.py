@@ -65,6 +65,11 @@ def _add_model_options(p: argparse.ArgumentParser, precisions: tuple[str, ...] =
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--calibration", type=Path, metavar="FILE", help="static FP8 input scales from `sd3fp8 calibrate` (used by scaled-mm)")
     g.add_argument("--watch-clipping", action="store_true", help="count activations clipped by the calibrated ranges, per layer")
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer (fused FP8 quantization; first step compiles)")
+    g.add_argument("--fast-accum", action=argparse.BooleanOptionalAction, default=True,
+                   help="FP8 GEMMs with fast accumulation (default on; --no-fast-accum for full-precision accumulation)")
+    g.add_argument("--fuse-qkv", default="auto", choices=("auto", "on", "off"), help="one FP8 layer for each attention's q/k/v: auto "
+                   "(where activations are quantized), on, off")
     g.add_argument("--offload", default="none", choices=OFFLOADS, help="none; model (diffusers model CPU offload, needs a GPU); stages "
                    "(load the text encoders, then the transformer, only while each runs: peak memory is the largest stage)")
 
@@ -113,6 +118,7 @@ def build_engine(args, policy: Policy | None = None):
     runtime = RuntimeConfig(
         device=args.device, dtype=args.dtype, backend=args.backend, force_fp8=args.force_fp8,
         activation=args.activation, offload=args.offload, watch_clipping=args.watch_clipping,
+        compile=args.compile, fast_accum=args.fast_accum, fuse_qkv=args.fuse_qkv,
     )
     return model_spec(args).load(policy or build_policy(args), runtime, calibration=args.calibration)
 

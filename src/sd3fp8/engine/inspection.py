@@ -7,6 +7,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from sd3fp8.engine.fastpath import fp8_forms
 from sd3fp8.fp8.linear import FP8Linear
 from sd3fp8.policy import COMPONENT_LABELS, COMPONENTS
 
@@ -65,6 +66,7 @@ def inspect_pipeline(engine, layers: bool = False) -> dict:
         summary = component_summary(module)
         summary["precision"] = engine.policy.precision(component).value
         summary["fp8_layers"] = len([m for m in module.modules() if isinstance(m, FP8Linear)])
+        summary["fp8_forms"] = fp8_forms(module)
         if layers:
             summary["layers"] = layer_rows(module)
         report["components"][component] = summary
@@ -88,6 +90,9 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{component:<16}{label:<8}{s['precision']:<10}{s['parameters']:>14,}{_mb(s['bytes']):>14}  {s['fp8_layers']:>10}  {dtypes}"
         )
+    forms = [f"{c}: " + ", ".join(f"{n} {form}" for form, n in s["fp8_forms"].items())
+             for c, s in report["components"].items() if isinstance(s, dict) and s.get("fp8_forms")]
+    lines += [""] + [f"fp8 forms  {line}" for line in forms] if forms else []
     for component, s in report["components"].items():
         if not isinstance(s, dict) or "layers" not in s:
             continue
@@ -96,8 +101,9 @@ def format_report(report: dict) -> str:
             scheme = ""
             if "format" in row:
                 scheme = f"{row['granularity']} scale {tuple(row['scale_shape'])}, {row['backend']}"
-                if row["backend"] == "scaled-mm":
+                if row["backend"] != "weight-only":
                     scheme += f", activation {row['activation']}"
+                scheme += f", form {row['form']}"
                 if row["fallback"]:
                     scheme += f" (fallback: {row['fallback']})"
             lines.append(f"  {row['name']:<60} {row['type']:<22} {row['dtype']:<14} {tuple(row['shape'])!s:<16} {scheme}")

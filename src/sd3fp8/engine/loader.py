@@ -7,6 +7,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import torch
+
+from sd3fp8.engine.fastpath import prepare_transformer
 from sd3fp8.errors import ConfigError
 from sd3fp8.fp8.calibration import Calibration, apply_calibration
 from sd3fp8.fp8.linear import ClipCounter, resolve_backend
@@ -44,7 +47,9 @@ def load_engine_parts(path, policy: Policy, runtime: RuntimeConfig, transformer_
         sources = dataclasses.replace(sources, files={**sources.files, "transformer": FileSource(Path(transformer_file))})
     policy = effective_policy(policy, sources)
     check_before_loading(sources, policy, device, compute_dtype, runtime.offload)  # fit and memory, from configs
-    settings = LoadSettings(device, compute_dtype, backend, runtime.force_fp8, runtime.activation)
+    # offload=model: every component stays on the CPU until diffusers' hooks move it (one at a time)
+    place = torch.device("cpu") if runtime.offload == "model" else device
+    settings = LoadSettings(device, compute_dtype, backend, runtime.force_fp8, runtime.activation, place)
     with_t5 = policy.text_encoder_3 is not Precision.OFF
     tokenizer_set = load_tokenizers(sources, with_t5)
     staged = ("transformer",) + TEXT_ENCODERS if runtime.offload == "stages" else ()
@@ -59,6 +64,9 @@ def load_engine_parts(path, policy: Policy, runtime: RuntimeConfig, transformer_
         if name == "transformer" and clip_counter is not None:
             for layer_name, layer in fp8_layers_of(module).items():
                 layer.clip_watch = (clip_counter, layer_name)
+        if name == "transformer":
+            prepare_transformer(module, runtime, device, compute_dtype)
+            names = list(fp8_layers_of(module))  # q/k/v may be fused now
         return module, names
 
     resident, fp8_layers = {}, {}

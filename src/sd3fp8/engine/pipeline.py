@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sd3fp8.engine.denoise import Conditioning, scheduler_shift, transformer_predictor
+from sd3fp8.engine.fastpath import fp8_forms
 from sd3fp8.engine.request import RECIPE_FILE, GenerationRequest, Recipe
 from sd3fp8.engine.text import ENCODINGS, TextMode, layout_of
 from sd3fp8.fp8.linear import Backend
@@ -67,6 +68,7 @@ class SD3FP8Pipeline:
         self.clip_counter = clip_counter  # linear.ClipCounter when runtime.watch_clipping
         self.context_width = context_width  # the transformer's joint_attention_dim (4096 for SD3.x)
         self.backend = backend  # the transformer's FP8 backend as resolved at load (layers may fall back, see describe())
+        self.forms_run: dict[str, int] = {}  # FP8 form -> layers, as of the last denoising run
         self._lock = threading.Lock()  # one generation at a time
 
     @classmethod
@@ -202,8 +204,11 @@ class SD3FP8Pipeline:
             transformer = modules["transformer"] if "transformer" in modules else self._pipe.transformer
             model = cfg_denoiser(transformer_predictor(transformer, self.compute_dtype), sampling,
                                  conditioning.positive, conditioning.negative, request.cfg)
-            return sample(model, sampling, noise=noise, latent=latent, sigmas=sigmas.to(self.device), sampler=request.sampler,
-                          seed=request.seed, callback=on_step, disable=True, latent_format=self.latent_format)
+            try:
+                return sample(model, sampling, noise=noise, latent=latent, sigmas=sigmas.to(self.device), sampler=request.sampler,
+                              seed=request.seed, callback=on_step, disable=True, latent_format=self.latent_format)
+            finally:
+                self.forms_run = fp8_forms(transformer)  # what ran, run-time fallbacks included
 
     def flow_sampling(self, shift: float | None = None) -> FlowSampling:
         """The model's sigma table (its scheduler's shift unless ``shift`` overrides it)."""
@@ -258,6 +263,8 @@ class SD3FP8Pipeline:
             "denoise": request.denoise, "text_mode": request.text_mode.value, "width": request.width, "height": request.height,
             "precision": self.policy.transformer.value, "t5": self.policy.text_encoder_3.value,
             "granularity": self.policy.granularity.value, "backend": self.transformer_backend(),
+            "fp8_forms": self.forms_run or fp8_forms(self.component("transformer")), "compile": self.runtime.compile,
+            "fast_accum": self.runtime.fast_accum,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "device": str(self.device),
             "model": str(self.model_path), "policy": self.policy.to_dict(),
         }

@@ -32,15 +32,16 @@ import torch
 from torch import nn
 
 from sd3fp8.engine.modelspec import ModelSpec
-from sd3fp8.errors import ConfigError, SD3FP8Error
+from sd3fp8.errors import SD3FP8Error
 from sd3fp8.evalkit.configs import parse_configuration, parse_configurations
 from sd3fp8.evalkit.metrics import module_bytes
+from sd3fp8.evalkit.synthetic import SYNTHETIC_HEADS
 from sd3fp8.io.atomic import atomic_write
 from sd3fp8.policy import COMPONENTS, Policy
 
 REFERENCE = "bf16"
 DEFAULT_CONFIGS = ("bf16", "fp32", "fp8", "diffusers-layerwise", "quanto-qfloat8", "torchao-float8-wo", "fp8-cast")
-SYNTHETIC = {"medium": 24, "large": 38}  # attention heads (x 64 = width)
+SYNTHETIC = SYNTHETIC_HEADS  # --synthetic kinds: attention heads (x 64 = width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +73,18 @@ class BenchSpec:
 # ---- one configuration, in its own process ---------------------------------------------------
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the peak since the last :func:`reset_peak_memory` (one phase); CPU: the process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a phase (load, run): CUDA's peak restarts from what is allocated now. (A CPU's peak RSS
+    cannot be reset: there the run phase's figure includes loading.)"""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 class CallTimer:
@@ -106,11 +116,14 @@ class CallTimer:
 
 def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
     from sd3fp8.evalkit.configs import load_configuration, resident_transformer
+    from sd3fp8.runtime import resolve_device
 
     config = parse_configuration(name)
     start = time.perf_counter()
+    reset_peak_memory(resolve_device(config.runtime.get("device", "auto")))
     engine = load_configuration(spec.model, config, spec.base_policy(), spec.calibration)
     load_seconds = time.perf_counter() - start
+    load_peak = peak_memory_bytes(engine.device)
     timer = CallTimer(resident_transformer(engine), engine.device)
     step_ends: list[float] = []
 
@@ -123,6 +136,7 @@ def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
 
     generate(spec.prompts[0], 0)  # warm-up: allocator, kernels, decode tables
     timer.times.clear()
+    reset_peak_memory(engine.device)
     seconds, step_times = [], []
     image_dir = Path(spec.out) / "raw" / "images" / name
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -139,67 +153,10 @@ def run_pipeline_config(name: str, spec: BenchSpec) -> dict:
         "seconds_per_step": statistics.median(step_times) if step_times else statistics.median(seconds) / spec.steps,
         "transformer_seconds_per_call": statistics.median(timer.times),
         "peak_memory_bytes": peak_memory_bytes(engine.device),
+        "load_peak_memory_bytes": load_peak,
         "bytes": {c: module_bytes(engine.component(c)) for c in COMPONENTS},
         "compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
         "device": str(engine.device),
-    }
-
-
-def synthetic_transformer(name: str, spec: BenchSpec, side: int) -> tuple[nn.Module, torch.dtype, torch.device]:
-    """A random-weight (seeded) MMDiT at SD3.5 width, stored as the configuration says."""
-    from diffusers import SD3Transformer2DModel
-
-    from sd3fp8.evalkit.configs import route_layers
-    from sd3fp8.evalkit.routes import apply_route
-    from sd3fp8.fp8.swap import quantize_linears
-    from sd3fp8.runtime import RuntimeConfig, resolve_compute_dtype, resolve_device
-
-    config = parse_configuration(name)
-    if not config.transformer_only:
-        raise ConfigError(f"{name} is not available for synthetic transformers (no text encoders, nothing to calibrate on)")
-    base = spec.base_policy() or Policy()
-    policy, runtime = base.replace(**config.policy), RuntimeConfig(**config.runtime)
-    device = resolve_device(runtime.device)
-    compute = resolve_compute_dtype(runtime.dtype, device, policy.transformer)
-    heads = SYNTHETIC[spec.synthetic or "medium"]
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(num_layers=spec.blocks, num_attention_heads=heads, attention_head_dim=64, joint_attention_dim=4096,
-                                  caption_projection_dim=64 * heads, pooled_projection_dim=2048, pos_embed_max_size=96,
-                                  sample_size=side // 8, qk_norm="rms_norm")
-    model = model.eval().to(  # type: ignore[attr-defined]  # ModelMixin is an nn.Module; diffusers' annotations lose it
-        device, policy.transformer.storage_dtype(compute))
-    if policy.transformer.is_fp8:
-        quantize_linears(model, policy.layer_filter("transformer"), policy.transformer.fp8_format, policy.granularity, runtime.backend,
-                         device=device, force_fp8=runtime.force_fp8, activation=runtime.activation)
-    elif config.route is not None:
-        apply_route(config.route, model, route_layers(base), compute)
-    return model, compute, device
-
-
-def run_synthetic_config(name: str, spec: BenchSpec) -> dict:
-    """The transformer alone at SD3.5 width: random weights (seeded), one input, forward timed."""
-    width, height = spec.width or 512, spec.height or 512
-    start = time.perf_counter()
-    model, compute, device = synthetic_transformer(name, spec, height)
-    load_seconds = time.perf_counter() - start
-    g = torch.Generator().manual_seed(1)
-    latent = height // 8, width // 8
-    inputs = dict(hidden_states=torch.randn(1, 16, *latent, generator=g), encoder_hidden_states=torch.randn(1, 333, 4096, generator=g),
-                  pooled_projections=torch.randn(1, 2048, generator=g), timestep=torch.tensor([500.0]))
-    inputs = {k: v.to(device, compute if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-    timer = CallTimer(model, device)
-    with torch.inference_mode():
-        out = model(**inputs).sample  # warm-up
-        timer.times.clear()
-        for _ in range(spec.repeats):
-            out = model(**inputs).sample
-    Path(spec.out, "raw").mkdir(parents=True, exist_ok=True)
-    torch.save(out.float().cpu(), Path(spec.out, "raw", f"{name}.pt"))
-    return {
-        "load_seconds": load_seconds, "seconds_per_step": statistics.median(timer.times),
-        "transformer_seconds_per_call": statistics.median(timer.times), "seconds_per_image": None,
-        "peak_memory_bytes": peak_memory_bytes(device), "bytes": {"transformer": module_bytes(model)},
-        "compute_dtype": str(compute).removeprefix("torch."), "device": str(device),
     }
 
 
@@ -213,6 +170,8 @@ def worker(name: str, spec_json: str, result_path: str) -> int:
         spec = BenchSpec.from_json(spec_json)
         check_configurations([parse_configuration(name)], spec.calibration, synthetic=spec.synthetic is not None)  # before the imports
         quiet_libraries()
+        from sd3fp8.evalkit.synthetic import run_synthetic_config
+
         outcome = {"status": "ok", "result": (run_synthetic_config if spec.synthetic else run_pipeline_config)(name, spec)}
     except Exception as e:  # any failure is this configuration's result: reported by the parent, never dropped
         message = str(e) if isinstance(e, SD3FP8Error) else f"{type(e).__name__}: {e}"

@@ -37,13 +37,19 @@ REGISTRY: dict[str, tuple[dict, dict, str | None, str]] = {
     "fp8-scaled-mm": ({}, {"force_fp8": True}, None, "W8A8 FP8 GEMM, dynamic per-tensor activation scales"),
     "fp8-scaled-mm-row": ({}, {"force_fp8": True, "activation": "row"}, None, "W8A8, dynamic per-row activation scales"),
     "fp8-static": ({}, {"force_fp8": True}, None, "W8A8 with calibrated static input scales (needs --calibration)"),
+    # torch.compile'd transformers (the first step compiles: bench's warm-up image excludes it)
+    "bf16-compile": ({"transformer": "bf16"}, {"compile": True}, None, "16-bit baseline, torch.compile'd"),
+    "fp8-compile": ({}, {"compile": True}, None, "sd3fp8's default, torch.compile'd (fused activation quantization)"),
+    "fp8-static-compile": ({}, {"force_fp8": True, "compile": True}, None, "W8A8 static scales, torch.compile'd (needs --calibration)"),
     "fp8-cast": ({"transformer": "auto"}, {}, "plain-cast", "plain FP8 cast without scales, upcast per layer (naive fp8 files)"),
     "diffusers-layerwise": ({"transformer": "auto"}, {}, "layerwise", "diffusers layerwise casting (FP8 storage)"),
     "quanto-qfloat8": ({"transformer": "auto"}, {}, "quanto", "optimum-quanto qfloat8 weights"),
     "torchao-float8-wo": ({"transformer": "auto"}, {}, "torchao-wo", "torchao float8 weight-only"),
     "torchao-float8-dq": ({"transformer": "auto"}, {}, "torchao-dq", "torchao float8 dynamic activation (CUDA CC >= 8.9)"),
 }
-ALIASES = {"sd3fp8": "fp8", "sd3fp8-scaled-mm": "fp8-scaled-mm", "sd3fp8-static": "fp8-static", "plain-cast": "fp8-cast"}
+ALIASES = {"sd3fp8": "fp8", "sd3fp8-scaled-mm": "fp8-scaled-mm", "sd3fp8-static": "fp8-static", "plain-cast": "fp8-cast",
+           "sd3fp8-compile": "fp8-compile", "sd3fp8-static-compile": "fp8-static-compile"}
+CALIBRATED = ("fp8-static", "fp8-static-compile")  # static input scales from the calibration file
 OTHER_ROUTES = ("fp8-cast", "diffusers-layerwise", "quanto-qfloat8", "torchao-float8-wo", "torchao-float8-dq")
 KEEP = re.compile(r"fp8-static-keep(\d+(?:\.\d+)?)")  # fp8-static-keep2 = static + 2 % kept 16-bit
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
@@ -88,7 +94,7 @@ def parse_configuration(spec: str) -> Configuration:
             raise ConfigError(f"unknown compute dtype {dtype!r} in {spec.strip()!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
         runtime = {**runtime, "dtype": dtype}
     return Configuration(name + (f"@{dtype}" if dtype else ""), dict(policy), dict(runtime), route,
-                         calibrated=bool(keep) or name == "fp8-static", keep_budget=float(keep[1]) if keep else None)
+                         calibrated=bool(keep) or name in CALIBRATED, keep_budget=float(keep[1]) if keep else None)
 
 
 def parse_configurations(specs: str | Iterable[str], reference: str | None = None) -> list[Configuration]:

@@ -132,14 +132,21 @@ def write_json_atomic(path: Path, data: dict) -> Path:
     return path
 
 
-def activation_stats(x: torch.Tensor) -> dict[str, float]:
-    """amax and percentiles of |x| (percentiles on at most SAMPLE_LIMIT evenly strided elements)."""
+def activation_stats_tensor(x: torch.Tensor) -> torch.Tensor:
+    """[amax, p99, p99.9, p99.99] of |x| on x's device (percentiles on at most SAMPLE_LIMIT evenly
+    strided elements). The quantiles' q tensor lives on x's device too: torch.quantile refuses a
+    CPU q for a CUDA input, which made `sd3fp8 calibrate` fail on GPUs."""
     flat = x.detach().reshape(-1).abs().float()
-    out = {"amax": float(flat.max()) if flat.numel() else 0.0}
+    if flat.numel() == 0:
+        return torch.zeros(1 + len(PERCENTILES), device=x.device)
     sample = flat[:: max(1, flat.numel() // SAMPLE_LIMIT)]
-    qs = torch.quantile(sample, torch.tensor([p / 100 for p in PERCENTILES]))
-    out.update({k: float(q) for k, q in zip(_percentile_keys(), qs)})
-    return out
+    qs = torch.quantile(sample, torch.tensor([p / 100 for p in PERCENTILES], device=sample.device))
+    return torch.cat([flat.max().reshape(1), qs])
+
+
+def activation_stats(x: torch.Tensor) -> dict[str, float]:
+    """amax and percentiles of |x|: one device-to-host copy for all four."""
+    return dict(zip(["amax", *_percentile_keys()], activation_stats_tensor(x).tolist()))
 
 
 class StatsRecorder:

@@ -1,47 +1,32 @@
 """FP8Linear: an nn.Linear replacement with FP8 weights and float32 scales.
 
 State is plain buffers (``weight`` fp8 [out, in], ``weight_scale`` f32 [] or [out], optional
-``input_scale`` f32 []) so state dicts stay format-compatible. The backend is chosen once, at
-construction; ``forward`` is a few flat lines per backend.
+``input_scale`` f32 []) so state dicts stay format-compatible. The backend is chosen at
+construction; a scaled-mm layer picks its form (row-wise, tensor-wise, tensor-wise + rescale) from
+what the device was probed to run (:mod:`sd3fp8.fp8.forms`), before its first GEMM on a device, and
+steps down a form if ``_scaled_mm`` refuses a call at run time.
 """
 
 from __future__ import annotations
 
-import threading
+import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sd3fp8.enums import ChoiceEnum
 from sd3fp8.errors import ConfigError
-from sd3fp8.fp8.numerics import FP8Format, Granularity, amax, amax_to_scale, decode, quantize, quantize_weight
+from sd3fp8.fp8 import forms
+from sd3fp8.fp8.forms import ACTIVATION_FORMAT, EMULATED_PLAN, WEIGHT_ONLY_PLAN, Form, Plan, ScaledMMFailed
+from sd3fp8.fp8.numerics import FP8Format, Granularity, quantize_weight
+from sd3fp8.fp8.probe import normalize, platform_of
+
+__all__ = ["ACTIVATION_FORMAT", "ActivationScaling", "Backend", "ClipCounter", "FP8Linear", "Form", "resolve_backend"]
 
 # torch._scaled_mm on CUDA wants K and N to be multiples of 16 (the FP8 tensor-core tile).
 SCALED_MM_ALIGNMENT = 16
-ACTIVATION_FORMAT = FP8Format.E4M3  # e5m2 x e5m2 is rejected by _scaled_mm; e4m3 has the precision
-
-
-class _DecodeWorkspace(threading.local):
-    """One reused buffer per thread and dtype for the weight-only path's decoded weight.
-
-    Layers run one after another, so one buffer sized to the largest layer serves all of them
-    (Large, fp32: 142 MB). Reusing it instead of a fresh 10-140 MB allocation per call (page
-    faults) took a 1536x6144 fp32 FP8 linear at M=256 from 103 to 94 ms on this CPU.
-    """
-
-    def __init__(self):
-        self.buffers: dict[torch.dtype, torch.Tensor] = {}
-
-    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        buffer = self.buffers.get(dtype)
-        if buffer is None or buffer.numel() < numel:
-            with torch.inference_mode(False):  # a normal tensor: writable under no_grad and inference_mode alike
-                buffer = self.buffers[dtype] = torch.empty(numel, dtype=dtype)
-        return buffer
-
-
-_workspace = _DecodeWorkspace()
+log = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()  # (form, error) pairs already reported: one warning each
 
 
 class ClipCounter:
@@ -70,6 +55,7 @@ class Backend(ChoiceEnum, what="backend", aliases={"scaled_mm": "scaled-mm", "we
     AUTO = "auto"
     SCALED_MM = "scaled-mm"  # quantize the activation, FP8 GEMM (torch._scaled_mm)
     WEIGHT_ONLY = "weight-only"  # dequantize the weight on the fly, 16/32-bit GEMM
+    EMULATED = "emulated"  # W8A8 numerics without FP8 cores: quantized activation, 16/32-bit GEMM
 
 
 class ActivationScaling(ChoiceEnum, what="activation scaling"):
@@ -81,24 +67,25 @@ class ActivationScaling(ChoiceEnum, what="activation scaling"):
 
 def has_fp8_tensor_cores(device: torch.device | str) -> bool:
     """PyTorch's own gate for FP8 GEMMs: compute capability 8.9 (Ada) or >= 9.0 (Hopper+)."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return platform_of(device).fp8_cores
 
 
 def resolve_backend(backend: str | Backend, device: torch.device | str, force_fp8: bool = False) -> Backend:
-    """Pick the concrete backend for layers that will run on ``device``."""
+    """Pick the concrete backend for layers that will run on ``device``.
+
+    ``force_fp8`` asks for W8A8 numerics anywhere: the FP8 GEMM where ``_scaled_mm`` exists (the
+    CPU kernel on a CPU), emulated on GPUs without FP8 cores, whose ``_scaled_mm`` refuses every call.
+    """
     backend = Backend.parse(backend)
-    if force_fp8:
-        return Backend.SCALED_MM
-    fast = has_fp8_tensor_cores(device)
+    platform = platform_of(device)
+    if force_fp8 or backend is Backend.EMULATED:
+        return Backend.EMULATED if backend is Backend.EMULATED or (platform.is_gpu and not platform.fp8_cores) else Backend.SCALED_MM
     if backend is Backend.AUTO:
-        return Backend.SCALED_MM if fast else Backend.WEIGHT_ONLY
-    if backend is Backend.SCALED_MM and not fast:
+        return Backend.SCALED_MM if platform.fp8_cores else Backend.WEIGHT_ONLY
+    if backend is Backend.SCALED_MM and not platform.fp8_cores:
         raise ConfigError(
             f"backend scaled-mm needs FP8 tensor cores (CUDA compute capability >= 8.9); device "
-            f"{torch.device(device)} has none. Use --force-fp8 to run the slow emulated path anyway."
+            f"{torch.device(device)} has none. Use --force-fp8 to run W8A8 anyway (emulated on such GPUs, slow on CPUs)."
         )
     return backend
 
@@ -123,6 +110,7 @@ class FP8Linear(nn.Module):
     weight_scale: torch.Tensor
     input_scale: torch.Tensor | None
     bias: nn.Parameter | None
+    parts: list[int] | None = None  # a fused q/k/v layer: its parts' output widths (fp8/fused.py)
 
     def __init__(
         self,
@@ -135,6 +123,7 @@ class FP8Linear(nn.Module):
         activation: ActivationScaling = ActivationScaling.TENSOR,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.bfloat16,
+        fast_accum: bool = True,
     ):
         super().__init__()
         if backend is Backend.AUTO:
@@ -145,6 +134,12 @@ class FP8Linear(nn.Module):
         if backend is Backend.SCALED_MM:
             self.fallback_reason = scaled_mm_unsupported_reason(in_features, out_features)
         self.backend = Backend.WEIGHT_ONLY if self.fallback_reason else backend
+        # use_fast_accum: what torchao's FP8 inference config does by default; the CPU kernel ignores it
+        self.fast_accum = fast_accum
+        fixed = {Backend.WEIGHT_ONLY: WEIGHT_ONLY_PLAN, Backend.EMULATED: EMULATED_PLAN}
+        self.plan: Plan | None = fixed.get(self.backend)  # scaled-mm: chosen on the device (prepare)
+        self._planned_for: tuple | None = None  # (device, compute dtype) the plan was chosen for
+        self._failed: frozenset = frozenset()  # probe keys that failed at run time in this layer
         scale_shape = (out_features,) if granularity is Granularity.CHANNEL else ()
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=fmt.dtype, device=device))
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
@@ -165,13 +160,15 @@ class FP8Linear(nn.Module):
         force_fp8: bool = False,
         device: torch.device | str | None = None,
         name: str = "linear",
+        fast_accum: bool = True,
     ) -> FP8Linear:
         """Quantize ``linear`` into a new FP8Linear.
 
         fmt: "e4m3" or "e5m2". granularity: "tensor" or "channel" (one scale per output row).
         backend: "auto" (scaled-mm on GPUs with FP8 tensor cores, else weight-only),
-        "scaled-mm" or "weight-only". ``device`` is where the layer will run (default: where
-        ``linear`` is); ``force_fp8`` runs scaled-mm anywhere (exact but slow on CPU).
+        "scaled-mm", "weight-only" or "emulated". ``device`` is where the layer will run (default:
+        where ``linear`` is); ``force_fp8`` runs W8A8 anywhere (scaled-mm; emulated on GPUs without
+        FP8 cores; exact but slow on CPU).
         ``input_scale`` sets a static (calibrated) activation scale for scaled-mm.
         """
         fmt, granularity = FP8Format.parse(fmt), Granularity.parse(granularity)
@@ -185,6 +182,7 @@ class FP8Linear(nn.Module):
             backend=resolve_backend(backend, run_on, force_fp8),
             activation=ActivationScaling.parse(activation),
             device="meta",
+            fast_accum=fast_accum,
         )
         layer.weight, layer.weight_scale = quantize_weight(linear.weight.detach(), fmt, granularity, f"{name}.weight")
         if linear.bias is not None:
@@ -195,6 +193,8 @@ class FP8Linear(nn.Module):
 
     def set_input_scale(self, scale: float | torch.Tensor | None) -> None:
         """Set (or clear, with None) the static activation scale used by scaled-mm."""
+        if self.backend is Backend.SCALED_MM:
+            self.plan = None  # static or dynamic scales may need another form: chosen again at the next call
         if scale is None:
             self.input_scale = None
             return
@@ -209,57 +209,50 @@ class FP8Linear(nn.Module):
         return (self.weight.float() * scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend is Backend.SCALED_MM:
-            return self._forward_scaled_mm(x)
-        return self._forward_weight_only(x)
-
-    def _forward_weight_only(self, x: torch.Tensor) -> torch.Tensor:
-        # The scale is applied to the [.., out] output: cheaper than scaling the [out, in] weight.
-        # The shared workspace is only safe when autograd will not keep the decoded weight.
-        reuse = x.device.type == "cpu" and not torch.is_grad_enabled()
-        out = _workspace.get(self.weight.numel(), x.dtype) if reuse else None
         # 2-D on purpose: F.linear on a non-contiguous 3-D input without bias falls back to bmm,
         # which took 103 ms instead of ~20 ms for one SD3.5-Medium attention projection here.
-        y = F.linear(x.reshape(-1, self.in_features), decode(self.weight, x.dtype, out))  # [M, N]
-        scale = self.weight_scale.to(x.dtype)
-        y = torch.addcmul(self.bias, y, scale) if self.bias is not None else y * scale
+        y = self._forward_2d(x.reshape(-1, self.in_features))  # [M, K] -> [M, N]
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        x_2d = x.reshape(-1, self.in_features)  # [M, K]
-        if self.input_scale is not None:
-            x_scale = self.input_scale  # static: no amax reduction per call
-            if self.clip_watch is not None:
-                counter, name = self.clip_watch
-                counter.record(name, float(amax(x_2d, Granularity.TENSOR)), float(x_scale) * ACTIVATION_FORMAT.max)
-        elif self.activation is ActivationScaling.ROW:
-            x_scale = amax_to_scale(amax(x_2d, Granularity.CHANNEL), ACTIVATION_FORMAT)  # [M, 1]
-        else:
-            x_scale = amax_to_scale(amax(x_2d, Granularity.TENSOR), ACTIVATION_FORMAT)  # []
-        x_fp8 = quantize(x_2d, x_scale, ACTIVATION_FORMAT)
-        scale_a, scale_b = x_scale, self.weight_scale
-        row_wise = scale_a.numel() > 1 or scale_b.numel() > 1
-        out_dtype = x.dtype
-        if row_wise:
-            # The row-wise form needs both scales shaped (M, 1) and (1, N); on CUDA it is built for bf16 output.
-            scale_a = scale_a.reshape(-1, 1).expand(x_2d.shape[0], 1).contiguous()
-            scale_b = scale_b.reshape(1, -1).expand(1, self.out_features).contiguous()
-            if x.is_cuda:
-                out_dtype = torch.bfloat16
-        # _scaled_mm takes a bias only with a 16-bit output.
-        fused_bias = self.bias is not None and out_dtype in (torch.bfloat16, torch.float16)
-        y = torch._scaled_mm(
-            x_fp8,
-            self.weight.t(),  # column-major [K, N] view of the row-major [N, K] weight
-            scale_a=scale_a,
-            scale_b=scale_b,
-            bias=self.bias.to(out_dtype) if fused_bias and self.bias is not None else None,
-            out_dtype=out_dtype,
-        )
-        y = y.to(x.dtype)
-        if self.bias is not None and not fused_bias:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.plan is not None:
+            return self._run(self.plan, x)  # planned before compiling (prepare); no fallback inside a graph
+        if self.plan is None or (self.plan.key is not None and self._planned_for != (x.device, x.dtype)):
+            self.prepare(x.device, x.dtype)
+        while True:
+            plan = self.plan
+            assert plan is not None  # prepare() always leaves one
+            try:
+                return self._run(plan, x)
+            except ScaledMMFailed as e:  # one step down the ladder for this layer; never fails a generation
+                self._fall_back(e, x)
+
+    def _run(self, plan: Plan, x: torch.Tensor) -> torch.Tensor:
+        if plan.form is Form.WEIGHT_ONLY:
+            return forms.weight_only(self, x)
+        if plan.form is Form.EMULATED:
+            return forms.emulated(self, x)
+        return forms.scaled_mm(self, plan, x)
+
+    def prepare(self, device: torch.device | str, compute_dtype: torch.dtype) -> Plan:
+        """Choose this layer's form for ``device`` and ``compute_dtype`` (probing the device once)."""
+        device = normalize(device)
+        if self.backend is Backend.SCALED_MM:
+            self.plan = forms.choose(self, device, compute_dtype, self._failed)
+            self._planned_for = (device, compute_dtype)
+        assert self.plan is not None  # fixed at construction for the other backends
+        return self.plan
+
+    def _fall_back(self, error: ScaledMMFailed, x: torch.Tensor) -> None:
+        failed = self.plan
+        assert failed is not None
+        self._failed = self._failed | {failed.key}
+        now = self.prepare(x.device, x.dtype)
+        message = str(error).splitlines()[0]
+        if (failed.form.value, message) not in _logged:
+            _logged.add((failed.form.value, message))
+            log.warning("torch._scaled_mm refused %s (%s); falling back to %s for this layer (and any other it refuses)",
+                        failed.key, message, now.form.value)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) casts every floating tensor, float8 and the float32 scales included.
@@ -291,6 +284,8 @@ class FP8Linear(nn.Module):
             "fallback": self.fallback_reason,
             "scale_shape": list(self.weight_scale.shape),
             "activation": "static" if self.input_scale is not None else self.activation.value,
+            "form": self.plan.form.value if self.plan is not None else "unprepared",
+            "form_note": self.plan.note if self.plan is not None else None,
         }
 
     def extra_repr(self) -> str:
@@ -299,8 +294,8 @@ class FP8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"fmt={d['format']}, granularity={d['granularity']}, backend={d['backend']}, scale_shape={tuple(d['scale_shape'])}"
         )
-        if self.backend is Backend.SCALED_MM:
-            text += f", activation={d['activation']}"
+        if self.backend is not Backend.WEIGHT_ONLY:
+            text += f", activation={d['activation']}, form={d['form']}"
         if d["fallback"]:
             text += f", fallback=({d['fallback']})"
         return text

@@ -30,6 +30,9 @@ class LoadSettings:
     backend: Backend = Backend.WEIGHT_ONLY  # the transformer's, resolved (engine.loader resolves it once)
     force_fp8: bool = False
     activation: ActivationScaling = ActivationScaling.TENSOR
+    # where modules are put after loading, when not where they run (offload=model: the CPU; diffusers'
+    # offload hooks then move one component at a time to ``device``)
+    place: torch.device | None = None
 
 
 def effective_policy(policy: Policy, sources: ModelSources) -> Policy:
@@ -95,7 +98,7 @@ def load_component(name: str, sources: ModelSources, policy: Policy, settings: L
         kind = "clip-l" if name == "text_encoder" else "clip-g"
         module, names = load_clip(source, kind, tokenizers[name.replace("text_encoder", "tokenizer")].eos_token_id, dtype, scheme)
     log.info("%s from %s: %d FP8 linears", name, source or sources.folder, len(names))
-    return module.to(settings.device).eval(), names
+    return module.to(settings.place or settings.device).eval(), names
 
 
 def load_tokenizers(sources: ModelSources, with_t5: bool) -> dict:
