@@ -32,8 +32,8 @@ if ! "$PY" -W ignore -c "import torch" 2>/dev/null; then
 fi
 "$PY" -W ignore -c "import torch" 2>/dev/null || { echo "setup: torch failed to install" >&2; exit 1; }
 
-extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"  # test pulls the server extra (web UI, templates) and Playwright
+extras="[server]"  # `sd3fp8 serve`: ComfyUI's API and web UI
+[ "${1:-}" = "--test" ] && extras="[test]"  # test pulls the server extra too, and Playwright
 pip_install -e ".$extras"
 
 # The browser test drives Debian's chromium through Playwright (Playwright's own browser download is
