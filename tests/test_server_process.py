@@ -55,7 +55,7 @@ def test_cli_prints_the_url_and_stops_on_ctrl_c(tmp_path):
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_listening(url, process)
-        assert httpx.get(url + "api/object_info/KSampler").json()["KSampler"]["input"]["required"]["sampler_name"][0] == ["euler"]
+        assert httpx.get(url + "api/object_info/KSampler").json()["KSampler"]["input"]["required"]["sampler_name"][0][0] == "euler"
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=30)
     finally:

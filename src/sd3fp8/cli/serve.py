@@ -1,4 +1,4 @@
-"""`sd3fp8 serve`: the ComfyUI-compatible server (needs `pip install 'sd3fp8[server]'`)."""
+"""`sd3fp8 serve`: the ComfyUI-compatible server over the engine (needs `pip install 'sd3fp8[server]'`)."""
 
 from __future__ import annotations
 
@@ -9,44 +9,28 @@ from pathlib import Path
 
 from sd3fp8.errors import ConfigError
 
-ENGINE_PENDING = ("the engine backend is not wired into the server yet: the API, the web UI and validation work, "
-                  "running a workflow's loader nodes does not")
-
-
-class _UnwiredBackend:
-    """Lists a models tree and names the samplers; refuses to load (until the engine backend lands)."""
-
-    def __init__(self, models):
-        self.models = models
-
-    def model_files(self, folder):
-        return self.models.files(folder) if self.models else []
-
-    def sampler_names(self):
-        return ["euler"]
-
-    def scheduler_names(self):
-        return ["simple", "sgm_uniform", "normal", "beta"]
-
-    def _pending(self, *args, **kwargs):
-        from sd3fp8.workflow.types import NodeError
-
-        raise NodeError(ENGINE_PENDING)
-
-    load_checkpoint = load_diffusion_model = load_text_encoders = load_vae = _pending
-    encode_text = sample = vae_decode = vae_encode = _pending
-
-    def free(self, unload_models, free_memory):
-        pass
-
 
 def build_backend(args):
-    """The backend the server drives. Tests inject their own through sd3fp8.server.make_server."""
-    from sd3fp8.server.inventory import ModelTree
+    """The engine backend the server drives (tests inject their own through sd3fp8.server.make_server).
+    Nothing is loaded here: models load when a prompt first asks for them."""
+    from sd3fp8.cli.common import build_policy
+    from sd3fp8.runtime import RuntimeConfig
+    from sd3fp8.server.engine_backend import EngineBackend
+    from sd3fp8.server.engine_models import Catalog, LoadOptions
 
     if args.models is not None and not args.models.is_dir():
         raise ConfigError(f"--models must be a folder (a ComfyUI root or its models/), got {args.models}")
-    return _UnwiredBackend(ModelTree(args.models) if args.models else None)
+    for path in args.model:
+        if not path.exists():
+            raise ConfigError(f"--model {path} does not exist")
+    if args.keep_models < 1:
+        raise ConfigError(f"--keep-models must be at least 1, got {args.keep_models}")
+    runtime = RuntimeConfig(device=args.device, dtype=args.dtype, backend=args.backend, force_fp8=args.force_fp8,
+                            activation=args.activation, offload=args.offload)
+    options = LoadOptions(build_policy(args), runtime)
+    options.settings()  # a device, dtype or backend this machine cannot run fails now, not at the first prompt
+    catalog = Catalog(args.models, checkpoints=args.model)
+    return EngineBackend(catalog, options, tokenizers=args.tokenizers, keep=args.keep_models)
 
 
 def cmd_serve(args) -> int:
@@ -84,4 +68,31 @@ def register(sub) -> None:
                    help="sampler previews for clients that do not choose (default auto: latent2rgb)")
     p.add_argument("--frontend", action=argparse.BooleanOptionalAction, default=None,
                    help="serve the web UI (default: on when comfyui-frontend-package is installed)")
+    _add_engine_options(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _add_engine_options(p) -> None:
+    g = p.add_argument_group("models and precision (the loader nodes list and load these)")
+    g.add_argument("--model", type=Path, action="append", default=[], metavar="PATH",
+                   help="also offer this diffusers folder or single-file checkpoint as a checkpoint (repeatable); without "
+                   "--models or --model the bundled miniature model is offered as 'mini-sd3'")
+    g.add_argument("--tokenizers", type=Path, metavar="DIR",
+                   help="tokenizer files for single files: a diffusers SD3.5 download or a ComfyUI root (default: the "
+                   "ComfyUI root above --models)")
+    g.add_argument("--precision", help="transformer storage when UNETLoader says 'default' and for checkpoints: fp8 "
+                   "(= fp8-e4m3), fp8-e5m2, bf16, fp16, fp32 (default fp8)")
+    g.add_argument("--t5", help="T5-XXL encoder: fp8, bf16, fp16, fp32 or off (default: compute dtype)")
+    g.add_argument("--granularity", help="FP8 weight scales: tensor or channel (default channel)")
+    g.add_argument("--policy", type=Path, help="precision policy file (JSON or TOML); the flags above override it")
+    g.add_argument("--exclude", action="append", help="keep transformer modules matching this pattern in 16 bit (repeatable)")
+    g.add_argument("--keep-models", type=int, default=1, metavar="N",
+                   help="loaded models kept per kind (checkpoint, diffusion model, text encoders, VAE) for later prompts (default 1)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--backend", default="auto", help="FP8 linears: auto, scaled-mm, weight-only (default auto)")
+    g.add_argument("--force-fp8", action="store_true", help="run scaled-mm (FP8 GEMM) even without FP8 tensor cores")
+    g.add_argument("--activation", default="tensor", help="dynamic activation scales for scaled-mm: tensor or row")
+    g.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16; fp32 on CPUs without bf16), bf16, fp16, fp32")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--offload", default="none", help="none; model (needs a GPU); stages (checkpoints only: text encoders, "
+                   "then the transformer, loaded only while each runs)")

@@ -23,7 +23,7 @@ from torch import nn
 from sd3fp8.engine.denoise import Conditioning, scheduler_shift, transformer_predictor
 from sd3fp8.engine.fastpath import fp8_forms
 from sd3fp8.engine.request import RECIPE_FILE, GenerationRequest, Recipe
-from sd3fp8.engine.text import ENCODINGS, TextMode, layout_of
+from sd3fp8.engine.text import ENCODINGS, TextLayout, TextMode, layout_of
 from sd3fp8.fp8.linear import Backend
 from sd3fp8.fp8.swap import fp8_layers as fp8_layers_of
 from sd3fp8.io.folders import check_model_folder
@@ -168,14 +168,22 @@ class SD3FP8Pipeline:
         mode = TextMode(mode)
         encode = ENCODINGS[mode]
         options = {"max_sequence_length": self.recipe.max_sequence_length} if mode is TextMode.DIFFUSERS else {}
+        with self.text_encoders() as (tokenizers, encoders, layout):
+            options["layout"] = layout
+            positive = encode(prompt, tokenizers, encoders, self.device, self.compute_dtype, **options)
+            negative = encode(negative_prompt or "", tokenizers, encoders, self.device, self.compute_dtype, **options)
+        return Conditioning((Cond(*positive),), (Cond(*negative),))
+
+    @contextlib.contextmanager
+    def text_encoders(self) -> Iterator[tuple[dict, dict, TextLayout]]:
+        """(tokenizers, encoders, layout) by engine/text.py's keys for the duration of the block (staged
+        encoders loaded): what ``encode`` runs, for callers that tokenize themselves (a workflow's
+        CLIPTextEncodeSD3 gives each encoder its own text)."""
         tokenizers = {k: getattr(self._pipe, k, None) for k in ("tokenizer", "tokenizer_2", "tokenizer_3")}
         with self.stage(*TEXT_ENCODERS) as staged:
             encoders = {k: staged[k] if k in staged else self.component(k) for k in TEXT_ENCODERS}
             # the context is as wide as the transformer takes (T5's width when T5 is loaded)
-            options["layout"] = dataclasses.replace(layout_of(encoders), context_width=self.context_width)
-            positive = encode(prompt, tokenizers, encoders, self.device, self.compute_dtype, **options)
-            negative = encode(negative_prompt or "", tokenizers, encoders, self.device, self.compute_dtype, **options)
-        return Conditioning((Cond(*positive),), (Cond(*negative),))
+            yield tokenizers, encoders, dataclasses.replace(layout_of(encoders), context_width=self.context_width)
 
     def encode_image(self, image, width: int, height: int) -> torch.Tensor:
         """VAE latent (mean of the posterior, float32) of a PIL image resized to width x height."""

@@ -301,7 +301,15 @@ def encode_comfy(prompt: str, tokenizers: Mapping[str, object], encoders: Mappin
     in their pooled slot, nothing in the context (no T5: the CLIP rows alone), and with no encoder
     at all a zero context [1, 77, width]. Computed in float32, returned as ``dtype`` on ``device``."""
     layout = layout or layout_of(encoders)
-    tokens = comfy_tokens(prompt, tokenizers, encoders, layout)
+    return encode_comfy_tokens(comfy_tokens(prompt, tokenizers, encoders, layout), encoders, device, dtype, layout=layout)
+
+
+@torch.no_grad()
+def encode_comfy_tokens(tokens: Mapping[str, tuple[TokenRules, list[Window]]], encoders: Mapping[str, object], device,
+                        dtype: torch.dtype, *, layout: TextLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_comfy`` from windows already tokenized (``comfy_tokens``' shape), for callers that
+    tokenize each encoder's text themselves (ComfyUI's CLIPTextEncodeSD3). An encoder whose key is
+    not in ``tokens`` contributes as an absent one does."""
     states = {}  # encoder key -> (z [1, T, D], pooled [1, D] or None), float32 on device
     for key, encoder in encoders.items():
         if key in tokens:

@@ -82,6 +82,42 @@ class Templates:
     def asset(self, filename: str) -> Path | None:
         return self._load().get(filename)
 
+    def workflow(self, filename: str) -> dict | None:
+        """A runnable template's workflow (``{name}.json``) fitted to this installation, else None."""
+        path = self._load().get(filename)
+        if path is None or not filename.endswith(".json") or filename.removesuffix(".json") not in self._allowed:
+            return None
+        return fit_workflow(json.loads(path.read_text()), self.registry.options)
+
+
+_LATENTS = ("EmptySD3LatentImage", "EmptyLatentImage")
+
+
+def fit_workflow(workflow: dict, options) -> dict:
+    """A template fitted to what this server has, so it runs as loaded: a checkpoint it names that is
+    not here becomes the first one that is (its download note dropped), and a checkpoint that cannot
+    take the template's size (the bundled miniature model: 128 pixels a side at most) sets the empty
+    latents to its own size."""
+    checkpoints = options.model_files("checkpoints")
+    nodes = workflow.get("nodes", [])
+    size = None
+    for node in nodes:
+        values = node.get("widgets_values")
+        if node.get("type") != "CheckpointLoaderSimple" or not values:
+            continue
+        if values[0] not in checkpoints and checkpoints:
+            log.info("template checkpoint %s is not here: using %s", values[0], checkpoints[0])
+            missing, values[0] = values[0], checkpoints[0]
+            properties = node.get("properties", {})
+            properties["models"] = [m for m in properties.get("models", []) if m.get("name") != missing]
+            workflow["models"] = [m for m in workflow.get("models", []) if m.get("name") != missing]
+        preferred = getattr(options, "preferred_size", lambda name: None)(values[0])
+        size = size or preferred
+    for node in nodes:
+        if size and node.get("type") in _LATENTS and len(node.get("widgets_values") or []) >= 2:
+            node["widgets_values"][:2] = list(size)
+    return workflow
+
 
 @router.get("/templates/{filename}")
 async def template_file(request: Request, filename: str):
@@ -89,6 +125,9 @@ async def template_file(request: Request, filename: str):
     if filename.startswith("index") and filename.endswith(".json") and filename != "index.schema.json":
         index = await run_in_threadpool(templates.index, filename)
         return Response(status_code=404) if index is None else JSONResponse(index)
+    workflow = await run_in_threadpool(templates.workflow, filename)
+    if workflow is not None:
+        return JSONResponse(workflow)
     path = await run_in_threadpool(templates.asset, filename)
     return Response(status_code=404) if path is None else FileResponse(path)
 

@@ -4,7 +4,9 @@ the order it was posted, whichever thread posted it."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,17 +33,24 @@ class _Message:
 
 
 class Hub:
-    """Post from any thread; messages go out from the event loop, in order."""
+    """Post from any thread; messages go out from the event loop, in order.
+
+    Posted messages wait in a deque; the event loop is woken once per burst (a sampler step posts
+    progress_state, progress and a preview), not once per message: each wake-up is a pipe write and
+    a GIL hand-over the sampling thread pays for."""
 
     def __init__(self) -> None:
         self.clients: dict[str, Client] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
+        self._pending: collections.deque[_Message] = collections.deque()
+        self._lock = threading.Lock()
+        self._woken = False  # a wake-up is on its way to the publisher
+        self._wake: asyncio.Event | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue()
+        self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._publish())
 
     async def stop(self) -> None:
@@ -66,13 +75,25 @@ class Hub:
         self._put(_Message("preview", (preview, node_id, prompt_id), sid))
 
     def _put(self, message: _Message) -> None:
-        loop, queue = self._loop, self._queue
-        if loop is None or queue is None or loop.is_closed():
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or loop.is_closed():
             return  # not serving (yet / any more): nobody to tell
+        with self._lock:
+            self._pending.append(message)
+            if self._woken:
+                return
+            self._woken = True
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, message)
+            loop.call_soon_threadsafe(wake.set)
         except RuntimeError:  # the loop closed between the check and the call
             pass
+
+    def _take(self) -> list[_Message]:
+        with self._lock:
+            batch = list(self._pending)
+            self._pending.clear()
+            self._woken = False
+        return batch
 
     def register(self, sid: str, websocket: WebSocket) -> None:
         self.clients[sid] = Client(websocket)
@@ -88,25 +109,30 @@ class Hub:
 
     async def _publish(self) -> None:
         while True:
-            message = await self._queue.get()
-            targets = [message.sid] if message.sid is not None else list(self.clients)
-            frames: dict[str, bytes] = {}
-            for sid in targets:
-                client = self.clients.get(sid)
-                if client is None:
-                    continue
-                try:
-                    if message.event == "preview":
-                        sending = client.websocket.send_bytes(self._frame(message.data, client, frames))
-                    else:
-                        sending = client.websocket.send_json({"type": message.event, "data": message.data})
-                    await asyncio.wait_for(sending, SEND_TIMEOUT)
-                except asyncio.TimeoutError:
-                    log.warning("websocket client %s is not reading: disconnected", sid)
-                    self.unregister(sid, client.websocket)
-                    asyncio.create_task(self._close(client))
-                except Exception as e:  # noqa: BLE001 - a vanished client must not stop the others
-                    log.debug("websocket send to %s failed: %s", sid, e)
+            await self._wake.wait()
+            self._wake.clear()
+            for message in self._take():
+                await self._send(message)
+
+    async def _send(self, message: _Message) -> None:
+        targets = [message.sid] if message.sid is not None else list(self.clients)
+        frames: dict[str, bytes] = {}
+        for sid in targets:
+            client = self.clients.get(sid)
+            if client is None:
+                continue
+            try:
+                if message.event == "preview":
+                    sending = client.websocket.send_bytes(self._frame(message.data, client, frames))
+                else:
+                    sending = client.websocket.send_json({"type": message.event, "data": message.data})
+                await asyncio.wait_for(sending, SEND_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.warning("websocket client %s is not reading: disconnected", sid)
+                self.unregister(sid, client.websocket)
+                asyncio.create_task(self._close(client))
+            except Exception as e:  # noqa: BLE001 - a vanished client must not stop the others
+                log.debug("websocket send to %s failed: %s", sid, e)
 
     @staticmethod
     async def _close(client: Client) -> None:

@@ -7,6 +7,11 @@ wraps them in :class:`~sd3fp8.workflow.types.Model`, ``Clip`` and ``Vae`` and ha
 The inventory methods (model_files, sampler_names, scheduler_names) may be called from any thread
 (request handlers render /object_info and validate prompts); everything else only from the
 executor's worker thread, one call at a time.
+
+Two optional methods (inventory, any thread), looked up with getattr: ``input_limits(class_type)``
+-> {input name: {"min", "max", "multiple_of"}}, limits beyond the nodes' /object_info ranges checked
+at validation (the engine's size, steps and batch limits); ``preferred_size(ckpt_name)`` -> (w, h)
+or None, the size a checkpoint generates at when a template's cannot work (the miniature model).
 """
 
 from __future__ import annotations

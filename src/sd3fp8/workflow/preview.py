@@ -13,6 +13,8 @@ SD3_RGB_FACTORS = (
     (0.0332, 0.0456, 0.0895), (-0.0069, -0.0030, -0.0810), (-0.0596, -0.0465, -0.0293), (-0.1448, -0.1463, -0.1189),
 )
 SD3_RGB_BIAS = (0.2394, 0.2135, 0.1925)
+_FACTORS = torch.tensor(SD3_RGB_FACTORS, dtype=torch.float32)  # [16, 3], built once: previews run every step
+_BIAS = torch.tensor(SD3_RGB_BIAS, dtype=torch.float32)
 
 
 def latent_to_rgb(x0: torch.Tensor) -> Image.Image | None:
@@ -20,9 +22,7 @@ def latent_to_rgb(x0: torch.Tensor) -> Image.Image | None:
     None for a latent that is not SD3-shaped."""
     if x0.ndim != 4 or x0.shape[1] != len(SD3_RGB_FACTORS):
         return None
-    factors = torch.tensor(SD3_RGB_FACTORS, dtype=torch.float32)  # [16, 3]
-    bias = torch.tensor(SD3_RGB_BIAS, dtype=torch.float32)
     latent = x0[0].detach().to("cpu", torch.float32).movedim(0, -1)  # [h, w, 16]
-    rgb = latent @ factors + bias  # [h, w, 3]
+    rgb = latent @ _FACTORS + _BIAS  # [h, w, 3]
     pixels = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).to(torch.uint8)
     return Image.fromarray(pixels.numpy(), mode="RGB")

@@ -32,6 +32,16 @@ class Inventory:
     def scheduler_names(self) -> list[str]:
         return list(self.backend.scheduler_names())
 
+    def input_limits(self, class_type: str) -> dict:
+        """The backend's own limits on a node's inputs (optional: Backend.input_limits)."""
+        limits = getattr(self.backend, "input_limits", None)
+        return limits(class_type) if limits is not None else {}
+
+    def preferred_size(self, ckpt_name: str) -> tuple[int, int] | None:
+        """The size a checkpoint generates at, when it cannot take a template's (optional: Backend.preferred_size)."""
+        preferred = getattr(self.backend, "preferred_size", None)
+        return preferred(ckpt_name) if preferred is not None else None
+
 
 class Registry:
     """Node classes by name plus the options their combo lists come from."""
@@ -53,6 +63,11 @@ class Registry:
 
     def input_types(self, name: str) -> InputTypes:
         return self.nodes[name].inputs(self.options)
+
+    def input_limits(self, name: str) -> dict:
+        """input name -> {"min", "max", "multiple_of"}: the backend's limits beyond the node's own ranges."""
+        limits = getattr(self.options, "input_limits", None)
+        return limits(name) if limits is not None else {}
 
     def node_info(self, name: str) -> dict:
         return self.nodes[name].render(self.options)

@@ -44,6 +44,7 @@ class _Validator:
         self.registry = registry
         self.prompt = prompt
         self.types: dict[str, InputTypes] = {}
+        self.limits: dict[str, dict] = {}
         self.validated: dict[str, tuple[bool, list]] = {}
         self.active: set[str] = set()
 
@@ -131,6 +132,9 @@ class _Validator:
         if "max" in extra and value > extra["max"]:
             return _error("value_bigger_than_max", f"Value {value} bigger than max of {extra['max']}", name,
                           input_config=config, received_value=value)
+        limit = self.limit_error(node_def, name, value, config)
+        if limit:
+            return limit
         options = combo_options(spec)
         if options is not None and value not in options:
             short = len(options) <= _LIST_INFO_LIMIT
@@ -138,6 +142,28 @@ class _Validator:
             return _error("value_not_in_list", "Value not in list", name, f"{name}: '{value}' not in {listing}",
                           input_config=config if short else None, received_value=value)
         return None
+
+    def limit_error(self, node_def: NodeDef, name: str, value, config) -> dict | None:
+        """The backend's limits (the engine's size, steps and batch ranges), in ComfyUI's error shapes."""
+        limits = self.input_limits(node_def.name).get(name)
+        if not limits or not isinstance(value, (int, float)):
+            return None
+        if "min" in limits and value < limits["min"]:
+            return _error("value_smaller_than_min", f"Value {value} smaller than min of {limits['min']} (this server's limit)", name,
+                          input_config=config, received_value=value)
+        if "max" in limits and value > limits["max"]:
+            return _error("value_bigger_than_max", f"Value {value} bigger than max of {limits['max']} (this server's limit)", name,
+                          input_config=config, received_value=value)
+        step = limits.get("multiple_of")
+        if step and value % step:
+            return _error("custom_validation_failed", "Custom validation failed for node", name,
+                          f"{name} - {value} is not a multiple of {step} (this server's limit)", input_config=config, received_value=value)
+        return None
+
+    def input_limits(self, class_type: str) -> dict:
+        if class_type not in self.limits:
+            self.limits[class_type] = self.registry.input_limits(class_type)
+        return self.limits[class_type]
 
     def custom_checks(self, node_def: NodeDef, inputs: dict) -> list[dict]:
         names = [n for n in node_def.validate_inputs if n in inputs and not isinstance(inputs[n], list)]
