@@ -74,7 +74,7 @@ def test_seed_range_is_comfyuis(capsys, tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["calibrate", "--samples", "0"], "--samples must be in 1..10000"),
+    (["calibrate", "--count", "0"], "--count and --sensitivity-count must be in 1..10000"),
     (["eval", "--seeds", "0"], "--seeds must be in 1..1000"),
     (["bench", "--size", "12x"], "--size must be WIDTHxHEIGHT"),
     (["bench", "--repeats", "100000"], "--repeats must be in 1..100"),

@@ -29,11 +29,11 @@ def test_unknown_defaults_are_errors_and_unknown_sections_warnings(tmp_path, cap
 
 
 @pytest.mark.parametrize("content,message", [
-    ("{not json", "not a readable JSON file"),
-    ([1, 2], "expected a JSON object with a 'defaults' object"),
-    ({"defaults": {"steps": 0}}, "steps must be an integer"),
-    ({"defaults": {"width": 100}}, "width must be a multiple of 16"),
-    ({"defaults": {"max_sequence_length": "long"}}, "max_sequence_length must be an integer"),
+    ("{not json", "sd3fp8.json is not valid JSON"),
+    ([1, 2], "sd3fp8.json: expected a JSON object, got a list"),
+    ({"defaults": {"steps": 0}}, r"field 'defaults.steps' must be an integer in 1..1000, got 0"),
+    ({"defaults": {"width": 100}}, "sd3fp8.json: width must be a multiple of 16"),
+    ({"defaults": {"max_sequence_length": "long"}}, r"field 'defaults.max_sequence_length' must be an integer in 1..512, got 'long'"),
 ])
 def test_bad_recipe_files_are_refused(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message):

@@ -10,6 +10,7 @@ import torch
 from sd3fp8 import Policy
 from sd3fp8.cli import main
 from sd3fp8.engine.pipeline import SD3FP8Pipeline
+from sd3fp8.engine.request import GenerationRequest
 from sd3fp8.errors import ConfigError, ModelLoadError
 from sd3fp8.fp8.linear import FP8Linear
 from sd3fp8.fp8.numerics import FP8Format, Granularity, quantize_weight
@@ -114,7 +115,8 @@ def test_plain_fp8_t5_cast_is_kept_fp8_with_unit_scale(files, tmp_path):
     assert float(k.weight_scale) == 1.0
     src = files.t5["encoder.block.0.layer.0.SelfAttention.k.weight"].to(torch.float8_e4m3fn)
     assert torch.equal(k.weight.view(torch.uint8), src.view(torch.uint8))
-    latents = engine.latents("a red circle", seed=3, steps=2, cfg=2.0)
+    request = GenerationRequest("a red circle", seed=3, steps=2, cfg=2.0, width=32, height=32)
+    latents = engine.generate(request, output="latent").images[0]
     assert torch.isfinite(latents).all() and latents.std() > 0.1  # the unit-scale FP8 T5 conditions a real image
     assert pixels(engine).std() > 1
 

@@ -136,7 +136,12 @@ def read_recipe(path: Path, default_side: int) -> Recipe:
     recipe_file = path / RECIPE_FILE
     if recipe_file.is_file():
         data.update(schemas.recipe(recipe_file)["defaults"])
-    return Recipe(**data)
+    recipe = Recipe(**data)
+    try:  # the rules a request's numbers follow (sides multiple of 16, ...), beyond the schema's ranges
+        check_request_numbers(recipe.steps, recipe.cfg, recipe.width, recipe.height, 1)
+    except ConfigError as e:
+        raise ConfigError(f"{recipe_file}: {e}") from None
+    return recipe
 
 
 # Model-card recipes by architecture (Large and Large Turbo share shapes: Turbo users pass --steps 4 --cfg 1,

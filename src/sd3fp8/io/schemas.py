@@ -135,7 +135,7 @@ RECIPE_DEFAULTS = ("steps", "cfg", "width", "height", "max_sequence_length")
 
 def recipe(path: Path) -> dict:
     """The optional sd3fp8.json beside model_index.json: generation defaults and the model's world."""
-    f = Fields(read_json(path, "recipe"), str(path))
+    f = Fields(read_json(path, "recipe", ConfigError), str(path), ConfigError)
     unknown_sections = sorted(set(f.data) - set(RECIPE_SECTIONS))
     if unknown_sections:  # a newer sd3fp8 may write more: said, not fatal
         log.warning("%s: ignoring unknown section(s) %s", path, ", ".join(unknown_sections))
