@@ -195,12 +195,16 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def aspect_size(width: int, height: int, default_width: int, default_height: int) -> tuple[int, int]:
-    """The model's default pixel count at the aspect of width x height, in multiples of 16."""
+    """About the model's default pixel count at the aspect of width x height, in multiples of 16
+    (of the sizes next to the exact one, the closest in aspect, then in pixel count)."""
     area, ratio = default_width * default_height, width / height
     w = math.sqrt(area * ratio)
     h = w / ratio
     scale = min(1.0, MAX_SIDE / max(w, h))
-    return tuple(max(16, int(round(side * scale / 16)) * 16) for side in (w, h))
+    w, h = w * scale, h * scale
+    candidates = [(cw, ch) for cw in {max(16, math.floor(w / 16) * 16), max(16, math.ceil(w / 16) * 16)}
+                  for ch in {max(16, math.floor(h / 16) * 16), max(16, math.ceil(h / 16) * 16)}]
+    return min(candidates, key=lambda c: (round(abs(math.log(c[0] / c[1] / ratio)), 6), abs(c[0] * c[1] - w * h), c))
 
 
 def decode_upload(data: bytes) -> Image.Image:
