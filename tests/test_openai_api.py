@@ -223,3 +223,15 @@ def test_a_client_that_goes_away_takes_its_job_along(tmp_path):
         assert running.state.queue.remaining() == 0
         (entry,) = running.state.queue.history().values()
         assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+def test_a_client_that_times_out_takes_its_job_along(tmp_path):
+    with running_server(tmp_path, DefaultsBackend(step_delay=0.1)) as running:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(running.url + "v1/images/generations", json={"prompt": "x", "size": "32x32", "steps": 300}, timeout=1.5)
+        deadline = time.monotonic() + 20
+        while running.state.queue.remaining() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.state.queue.remaining() == 0 and running.backend.calls["sample"] == 1
+        (entry,) = running.state.queue.history().values()
+        assert entry["status"]["messages"][-1][0] == "execution_interrupted"

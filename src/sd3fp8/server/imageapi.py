@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 import math
 import secrets
@@ -290,7 +291,7 @@ class ImageApi:
 
     async def events(self, job: ImageJob) -> AsyncIterator:
         """The job's events, tracked for /progress; ends after Finished or Failed."""
-        key = id(object())
+        key = next(_KEYS)
         self.tracker.begin(key, job)
         try:
             async with aclosing(self.runner.run(job)) as events:
@@ -325,6 +326,9 @@ class ImageApi:
         finally:
             if not task.done():
                 task.cancel()
+
+
+_KEYS = itertools.count()
 
 
 def api_of(request) -> ImageApi:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import secrets
 import time
@@ -70,6 +71,7 @@ from sd3fp8.server.imagejobs import (
 )
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 MAX_N = 10
 MAX_PROMPT = 32000  # characters, OpenAI's limit for GPT image models
@@ -386,6 +388,9 @@ async def generations(request: Request):
         return await respond(request, job, reply)
     except OpenAIError as e:
         return e.response()
+    except Exception:  # noqa: BLE001 - a bug: logged, answered in OpenAI's shape
+        log.exception("POST /v1/images/generations failed")
+        return OpenAIError(500, "internal server error; see the server log", code="internal_error", kind="server_error").response()
 
 
 @router.post("/v1/images/edits")
@@ -417,6 +422,9 @@ async def edits(request: Request):
         return await respond(request, job, reply)
     except OpenAIError as e:
         return e.response()
+    except Exception:  # noqa: BLE001 - a bug: logged, answered in OpenAI's shape
+        log.exception("POST /v1/images/edits failed")
+        return OpenAIError(500, "internal server error; see the server log", code="internal_error", kind="server_error").response()
 
 
 @router.get("/v1/images/files/{name}")
