@@ -190,21 +190,26 @@ class ApiIngress:
         return build_app(api, token=self.token, max_body=self.max_body)
 
 
+def worker_options(options: RayOptions, has_gpus: bool) -> dict:
+    """The ImageWorker deployment's options: one GPU per replica where the cluster has GPUs,
+    a fixed replica count or Serve's autoscaler, health checks."""
+    gpus = options.num_gpus if options.num_gpus is not None else (1 if has_gpus else 0)
+    result = {"ray_actor_options": {"num_cpus": options.num_cpus, "num_gpus": gpus}, "max_ongoing_requests": options.max_ongoing_requests,
+              "health_check_period_s": 5, "health_check_timeout_s": 60, "graceful_shutdown_timeout_s": 5}
+    if options.autoscale is not None:
+        low, high = options.autoscale
+        result["autoscaling_config"] = {"min_replicas": low, "initial_replicas": max(low, 1), "max_replicas": high,
+                                        "target_ongoing_requests": 2}
+    else:
+        result["num_replicas"] = options.replicas
+    return result
+
+
 def build_ray_app(backend_factory: Callable[[], object], options: RayOptions, has_gpus: bool = False):
     """The Serve application (``serve.run(app, route_prefix="/")``): ingress + worker deployments."""
     from ray import serve
 
-    gpus = options.num_gpus if options.num_gpus is not None else (1 if has_gpus else 0)
-    worker_options = {"ray_actor_options": {"num_cpus": options.num_cpus, "num_gpus": gpus},
-                      "max_ongoing_requests": options.max_ongoing_requests, "health_check_period_s": 5,
-                      "health_check_timeout_s": 60, "graceful_shutdown_timeout_s": 5}
-    if options.autoscale is not None:
-        low, high = options.autoscale
-        worker_options["autoscaling_config"] = {"min_replicas": low, "initial_replicas": max(low, 1), "max_replicas": high,
-                                                "target_ongoing_requests": 2}
-    else:
-        worker_options["num_replicas"] = options.replicas
-    worker = serve.deployment(name="ImageWorker", **worker_options)(ImageWorker)
+    worker = serve.deployment(name="ImageWorker", **worker_options(options, has_gpus))(ImageWorker)
     ingress = serve.deployment(name="ImageApi", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
                                health_check_period_s=5)(serve.ingress()(ApiIngress))
     threads = options.threads or max(1, int(options.num_cpus))
@@ -263,4 +268,4 @@ def replica_names() -> list[str]:
 
 
 __all__ = ["APP_NAME", "ApiIngress", "ImageWorker", "RayOptions", "RayRunner", "build_ray_app", "parse_autoscale",
-           "replica_names", "serve_forever", "start", "stop"]
+           "replica_names", "serve_forever", "start", "stop", "worker_options"]
