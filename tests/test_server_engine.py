@@ -194,3 +194,24 @@ def test_the_template_is_served_fitted_to_the_bundled_model(server):
     assert nodes["CheckpointLoaderSimple"]["properties"]["models"] == []  # no download prompt for a file we do not use
     assert nodes["EmptySD3LatentImage"]["widgets_values"] == [64, 64, 1]
     assert nodes["KSampler"]["widgets_values"][2:] == [20, 4.01, "euler", "sgm_uniform", 1]  # the rest as published
+
+
+def test_the_openai_sdk_over_the_engine_gets_the_models_defaults_and_the_engines_image(server):
+    """OpenAI Images through the real SDK on the engine backend: an omitted size is the model's own
+    (the bundled model's 64x64, not SD3.5's 1024), and the picture is the engine's for that request."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "v1", api_key="unused", max_retries=0, timeout=600)
+    assert BUNDLED_NAME in [m.id for m in client.models.list()]
+    response = client.images.generate(model=BUNDLED_NAME, prompt="a red circle", extra_body={"seed": 5, "steps": 4})
+    assert response.size == "64x64"
+    import base64
+
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))), dtype=np.int16)
+    request = GenerationRequest("a red circle", "", steps=4, cfg=3.0, seed=5, width=64, height=64, sampler="euler",
+                                scheduler="normal", text_mode="comfy")
+    engine = engine_of(server)
+    latent = engine.generate(request, output="latent").images[0]
+    assert torch.equal(latent, server.backend.samples[-1][0])
+    with torch.inference_mode():
+        direct = np.asarray(engine.decode(latent[None])[0], dtype=np.int16)
+    assert served.shape == (64, 64, 3) and np.abs(direct - served).max() <= 1

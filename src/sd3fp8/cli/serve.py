@@ -34,6 +34,11 @@ def build_backend(args):
 
 
 def cmd_serve(args) -> int:
+    from sd3fp8.scale.cli import check_args, serve_ray
+
+    check_args(args)
+    if args.ray:  # the OpenAI and A1111 APIs over engine replicas on Ray Serve (no ComfyUI API)
+        return serve_ray(args)
     try:
         from sd3fp8.server import ServerConfig, installed_frontend, serve
     except ImportError as e:
@@ -69,6 +74,11 @@ def register(sub) -> None:
     p.add_argument("--frontend", action=argparse.BooleanOptionalAction, default=None,
                    help="serve the web UI (default: on when comfyui-frontend-package is installed)")
     _add_engine_options(p)
+    p.add_argument("--ray", action="store_true",
+                   help="serve the OpenAI and A1111 APIs on Ray Serve over engine replicas (pip install 'sd3fp8[scale]'; "
+                        "RAY_ADDRESS joins a cluster); the ComfyUI API stays on plain `sd3fp8 serve`")
+    p.add_argument("--replicas", type=int, help="with --ray: engine replicas (default 1; one GPU each where there are GPUs)")
+    p.add_argument("--autoscale", metavar="MIN,MAX", help="with --ray: let Ray Serve scale the replicas between MIN and MAX")
     p.set_defaults(func=cmd_serve)
 
 

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from sd3fp8.server import frontend, routes_files, routes_info, routes_jobs, routes_user
+from sd3fp8.server import frontend, imageapi, routes_files, routes_info, routes_jobs, routes_user
 from sd3fp8.server.config import ServerConfig
 from sd3fp8.server.hub import Hub
 from sd3fp8.server.jobs import PromptQueue
@@ -82,6 +82,7 @@ def create_app(config: ServerConfig, backend: Backend) -> FastAPI:
         app.include_router(router, prefix="/api")
     app.include_router(routes_info.internal, prefix="/internal")
     app.include_router(routes_info.internal, prefix="/api/internal")
+    imageapi.install(app, state)  # OpenAI Images and A1111 routes; their jobs go into this queue
     app.include_router(frontend.router)
     app.add_exception_handler(BadRequest, _bad_request)
     app.add_exception_handler(Exception, _internal_error)

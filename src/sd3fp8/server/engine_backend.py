@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from sd3fp8.engine.request import MAX_BATCH, MAX_SIDE, MAX_STEPS
+from sd3fp8.errors import ConfigError, SD3FP8Error
+from sd3fp8.io.safe_read import read_json
 from sd3fp8.sampling import SAMPLER_NAMES, SCHEDULER_NAMES
 from sd3fp8.server import engine_ops
 from sd3fp8.server.engine_models import (
@@ -125,6 +127,24 @@ class EngineBackend:
         recipe = read_recipe(self.catalog.named[BUNDLED_NAME], 64)
         return recipe.width, recipe.height
 
+    def model_defaults(self, ckpt_name: str) -> dict:
+        """A checkpoint's generation defaults without loading it (the OpenAI and A1111 routes fill
+        omitted fields with them): a diffusers folder's sd3fp8.json, else SD3.5's usual ones."""
+        from sd3fp8.engine.request import Recipe, read_recipe
+
+        recipe = Recipe()
+        try:
+            path = self.catalog.path("checkpoints", ckpt_name)
+        except NodeError:  # an unknown name: the job reports it when it runs
+            path = None
+        if path is not None and (path / "model_index.json").is_file():
+            try:
+                side = _default_side(path)
+                recipe = read_recipe(path, side)
+            except SD3FP8Error as e:
+                log.warning("cannot read the defaults of %s: %s", path, e)
+        return {"steps": recipe.steps, "cfg": recipe.cfg, "width": recipe.width, "height": recipe.height}
+
     # -- loaders ---------------------------------------------------------------------------------------
 
     def _search(self) -> list[Path]:
@@ -198,3 +218,15 @@ def _on_cpu(runtime):
     from dataclasses import replace
 
     return replace(runtime, device="cpu", offload="none")
+
+
+def _default_side(folder: Path) -> int:
+    """The side a diffusers folder's transformer was made for (its sample size x the VAE's factor)."""
+    from sd3fp8.io import schemas
+
+    transformer = schemas.transformer_config(folder / "transformer" / "config.json")
+    vae = read_json(folder / "vae" / "config.json", "config", ConfigError)
+    blocks = vae.get("block_out_channels") if isinstance(vae, dict) else None
+    if not isinstance(blocks, list) or not 1 <= len(blocks) <= 8:
+        raise ConfigError(f"{folder / 'vae' / 'config.json'}: field 'block_out_channels' must be a list of 1..8 widths")
+    return transformer["sample_size"] * 2 ** (len(blocks) - 1)

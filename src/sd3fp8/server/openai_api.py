@@ -1,0 +1,436 @@
+"""OpenAI's Images API (as the `openai` SDK, LibreChat and Open WebUI call it): generations (with
+SSE streaming of partial images), edits (img2img), models, and files for `response_format=url`.
+
+Field by field (serving.md §5):
+- ``model``: a checkpoint name from /v1/models (or its file stem); absent: the default model;
+  unknown: 404 ``model_not_found``.
+- ``n`` 1-10: one sampler run with batch n (generations); n runs with seeds seed..seed+n-1 (edits).
+- ``size``: ``WxH`` in multiples of 16, 16..4096 per side; ``auto``: the model's default size
+  (edits: the model's default pixel count at the input image's aspect).
+- ``quality`` -> steps: low 1/2, medium 3/4, high/auto/standard 1x, hd/xhigh 3/2, max 2x the model's
+  default steps (an explicit ``steps`` wins).
+- ``response_format``: ``b64_json`` (default) or ``url`` (served from /v1/images/files/..., kept
+  in memory for an hour). ``output_format`` png (with A1111's parameters chunk) | jpeg | webp;
+  ``output_compression`` 0-100 is the JPEG/WebP quality (100 = WebP lossless), ignored for PNG.
+- ``background``: opaque/auto; ``transparent`` is refused (the model has no alpha channel).
+- ``style``, ``moderation``, ``input_fidelity``: accepted, no effect. ``user`` /
+  ``safety_identifier``: kept with the job in the queue.
+- extras (``extra_body``): ``seed`` (default random), ``negative_prompt``, ``steps``, ``cfg``,
+  ``sampler`` and ``scheduler`` (ComfyUI or A1111 names), ``strength`` (edits: the denoise,
+  default 0.75, A1111's img2img default).
+- ``stream`` + ``partial_images`` 0-3: SSE ``image_generation.partial_image`` (edits:
+  ``image_edit.partial_image``) events from sampler steps evenly spaced through the run (latent2rgb
+  previews scaled to the image size), then one ``.completed`` event per image. Errors mid-stream
+  are an ``error`` event.
+- any other field: 400 ``unknown_parameter`` (OpenAI's own behaviour).
+Errors: ``{"error": {message, type, param, code}}``; ``x-should-retry: false`` on every error a
+retry cannot fix (everything but 429 queue full and 503 worker lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
+
+from sd3fp8.server.imageapi import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SCHEDULER,
+    MAX_SIDE,
+    MIME,
+    ImageApi,
+    api_of,
+    aspect_size,
+    b64,
+    decode_upload,
+    encode_image,
+    fit_image,
+    infotext,
+    png_bytes,
+    upscale,
+)
+from sd3fp8.server.imagejobs import (
+    INTERRUPTED,
+    INVALID,
+    OUT_OF_MEMORY,
+    QUEUE_FULL,
+    UNAVAILABLE,
+    Failed,
+    Finished,
+    ImageJob,
+    Preview,
+)
+
+router = APIRouter()
+log = logging.getLogger(__name__)
+
+MAX_N = 10
+MAX_PROMPT = 32000  # characters, OpenAI's limit for GPT image models
+DEFAULT_STRENGTH = 0.75
+QUALITY_STEPS = {"low": 0.5, "medium": 0.75, "high": 1.0, "auto": 1.0, "standard": 1.0, "hd": 1.5, "xhigh": 1.5, "max": 2.0}
+QUALITY_NAME = {"auto": "high", "standard": "high", "hd": "xhigh"}
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+COMMON_FIELDS = {"prompt", "model", "n", "size", "quality", "response_format", "output_format", "output_compression", "background",
+                 "user", "safety_identifier", "stream", "partial_images", "moderation", "style",
+                 "seed", "negative_prompt", "steps", "cfg", "sampler", "scheduler"}
+EDIT_FIELDS = COMMON_FIELDS | {"strength", "input_fidelity"}
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", retry: bool = False):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind, self.retry = status, message, param, code, kind, retry
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers={} if self.retry else {"x-should-retry": "false"})
+
+
+def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> OpenAIError:
+    return OpenAIError(400, message, param, code)
+
+
+def from_failure(failure: Failed) -> OpenAIError:
+    if failure.kind == INVALID:
+        return invalid(failure.message, failure.param)
+    if failure.kind == QUEUE_FULL:
+        return OpenAIError(429, failure.message, code="queue_full", kind="rate_limit_error", retry=True)
+    if failure.kind == UNAVAILABLE:
+        return OpenAIError(503, failure.message, code="worker_unavailable", kind="server_error", retry=True)
+    if failure.kind == OUT_OF_MEMORY:
+        return OpenAIError(500, failure.message, code="out_of_memory", kind="server_error")
+    if failure.kind == INTERRUPTED:
+        return OpenAIError(500, failure.message, code="interrupted", kind="server_error")
+    return OpenAIError(500, failure.message, code="generation_failed", kind="server_error")
+
+
+# ---- field parsing ----------------------------------------------------------------------------------
+
+
+def _int(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise invalid(f"'{name}' must be an integer, got {value!r}", name) from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"'{name}' must be an integer, got {value!r}", name)
+    if not low <= value <= high:
+        raise invalid(f"'{name}' must be in {low}..{high}, got {value}", name)
+    return value
+
+
+def _float(value, name: str, low: float, high: float) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise invalid(f"'{name}' must be a number, got {value!r}", name) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise invalid(f"'{name}' must be a number, got {value!r}", name)
+    if not low <= value <= high:
+        raise invalid(f"'{name}' must be in {low:g}..{high:g}, got {value:g}", name)
+    return float(value)
+
+
+def _bool(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise invalid(f"'{name}' must be a boolean, got {value!r}", name)
+
+
+def _str(value, name: str, choices: tuple | None = None) -> str:
+    if not isinstance(value, str):
+        raise invalid(f"'{name}' must be a string, got {value!r}", name)
+    if choices is not None and value not in choices:
+        raise invalid(f"Invalid value for '{name}': {value!r}. Supported values are: {', '.join(repr(c) for c in choices)}.", name)
+    return value
+
+
+def parse_size(value: str) -> tuple[int, int] | None:
+    """(width, height) of "WxH", or None for "auto"."""
+    value = _str(value, "size").strip().lower()
+    if value == "auto":
+        return None
+    match = re.fullmatch(r"(\d{1,5})\s*x\s*(\d{1,5})", value)
+    if not match:
+        raise invalid(f"Invalid size {value!r}: expected 'WIDTHxHEIGHT' (for example '1024x1024') or 'auto'", "size")
+    width, height = int(match.group(1)), int(match.group(2))
+    for side in (width, height):
+        if side % 16 or not 16 <= side <= MAX_SIDE:
+            raise invalid(f"Invalid size {value!r}: width and height must be multiples of 16 in 16..{MAX_SIDE}", "size")
+    return width, height
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How the images go back (everything of the request that is not the job itself)."""
+
+    response_format: str
+    output_format: str
+    compression: int | None
+    quality: str
+    stream: bool
+    partial_images: int
+    events: str  # SSE event prefix: image_generation | image_edit
+    text_tokens: int
+    image_tokens: int
+
+    def usage(self, job: ImageJob, images: int) -> dict:
+        output = images * (job.width // 16) * (job.height // 16)  # the MMDiT's image tokens
+        prompt = self.text_tokens + self.image_tokens
+        return {"input_tokens": prompt, "input_tokens_details": {"image_tokens": self.image_tokens, "text_tokens": self.text_tokens},
+                "output_tokens": output, "total_tokens": prompt + output}
+
+
+def build_job(api: ImageApi, fields: dict, init=None) -> tuple[ImageJob, Reply]:
+    """The job and reply options of a generations (``init`` None) or edits request; OpenAIError
+    naming the field otherwise."""
+    from sd3fp8.errors import ConfigError
+    from sd3fp8.sampling.aliases import parse_sampler, parse_scheduler
+
+    edit = init is not None
+    unknown = sorted(set(fields) - (EDIT_FIELDS if edit else COMMON_FIELDS))
+    if unknown:
+        raise invalid(f"Unknown parameter: '{unknown[0]}'.", unknown[0], "unknown_parameter")
+    if "prompt" not in fields:
+        raise invalid("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    prompt = _str(fields["prompt"], "prompt")
+    if not prompt.strip() or len(prompt) > MAX_PROMPT:
+        raise invalid(f"'prompt' must be a non-empty string of at most {MAX_PROMPT} characters", "prompt")
+    inventory = api.inventory()
+    if fields.get("model") is None:
+        model = api.default_model()
+        if model is None:
+            raise OpenAIError(404, "this server has no models", "model", "model_not_found")
+    else:
+        model = api.find_model(_str(fields["model"], "model"))
+        if model is None:
+            raise OpenAIError(404, f"The model '{fields['model']}' does not exist (GET /v1/models lists this server's models)",
+                              "model", "model_not_found")
+    defaults = inventory.defaults[model]
+    n = _int(fields.get("n", 1), "n", 1, MAX_N)
+    size = parse_size(fields.get("size", "auto"))
+    if size is None:
+        size = aspect_size(*init.size, defaults["width"], defaults["height"]) if edit else (defaults["width"], defaults["height"])
+    width, height = size
+    quality = _str(fields.get("quality", "auto"), "quality", tuple(QUALITY_STEPS))
+    if fields.get("steps") is not None:
+        steps = _int(fields["steps"], "steps", 1, 1000)
+    else:
+        steps = max(1, round(defaults["steps"] * QUALITY_STEPS[quality]))
+    cfg = _float(fields["cfg"], "cfg", 0.0, 100.0) if fields.get("cfg") is not None else float(defaults["cfg"])
+    try:
+        sampler = parse_sampler(_str(fields.get("sampler", DEFAULT_SAMPLER), "sampler"))
+    except ConfigError as e:
+        raise invalid(str(e), "sampler") from None
+    try:
+        scheduler = parse_scheduler(_str(fields.get("scheduler", DEFAULT_SCHEDULER), "scheduler"))
+    except ConfigError as e:
+        raise invalid(str(e), "scheduler") from None
+    if sampler not in inventory.samplers:
+        raise invalid(f"sampler {sampler!r} is not available here; available: {', '.join(inventory.samplers)}", "sampler")
+    if scheduler not in inventory.schedulers:
+        raise invalid(f"scheduler {scheduler!r} is not available here; available: {', '.join(inventory.schedulers)}", "scheduler")
+    seed = _int(fields["seed"], "seed", 0, 2**64 - 1) if fields.get("seed") is not None else secrets.randbelow(2**32)
+    negative = _str(fields.get("negative_prompt", ""), "negative_prompt")
+    response_format = _str(fields.get("response_format", "b64_json"), "response_format", ("b64_json", "url"))
+    output_format = _str(fields.get("output_format", "png"), "output_format", OUTPUT_FORMATS)
+    compression = _int(fields["output_compression"], "output_compression", 0, 100) if fields.get("output_compression") is not None else None
+    background = _str(fields.get("background", "auto"), "background")
+    if background == "transparent":
+        raise invalid("background 'transparent' is not supported: the model makes opaque RGB images (no alpha channel); "
+                      "use 'opaque' or 'auto'", "background", "unsupported_value")
+    _str(background, "background", ("opaque", "auto"))
+    for name in ("style", "moderation", "input_fidelity"):
+        if fields.get(name) is not None:
+            _str(fields[name], name)
+    user = fields.get("safety_identifier") or fields.get("user")
+    if user is not None:
+        user = _str(user, "safety_identifier" if fields.get("safety_identifier") else "user")[:256]
+    stream = _bool(fields.get("stream", False), "stream")
+    partial_images = _int(fields.get("partial_images", 0), "partial_images", 0, 3)
+    denoise, init_png, image_tokens = 1.0, None, 0
+    if edit:
+        denoise = _float(fields.get("strength", DEFAULT_STRENGTH), "strength", 0.0, 1.0)
+        init_png = png_bytes(fit_image(init, width, height))
+        image_tokens = (width // 16) * (height // 16)
+    job = ImageJob(model=model, prompt=prompt, negative=negative, seed=seed, n=n, width=width, height=height, steps=steps, cfg=cfg,
+                   sampler=sampler, scheduler=scheduler, denoise=denoise, init_image=init_png, previews=stream and partial_images > 0,
+                   source="openai", user=user)
+    reply = Reply(response_format, output_format, compression, QUALITY_NAME.get(quality, quality), stream, partial_images,
+                  "image_edit" if edit else "image_generation", len(prompt.split()), image_tokens)
+    return job, reply
+
+
+# ---- responses --------------------------------------------------------------------------------------
+
+
+def _encode(job: ImageJob, reply: Reply, image, index: int) -> bytes:
+    text = infotext(job, index) if reply.output_format == "png" else None
+    return encode_image(image, reply.output_format, reply.compression, text)
+
+
+def render(api: ImageApi, job: ImageJob, reply: Reply, result: Finished, base_url: str) -> dict:
+    """The ImagesResponse body for a finished job."""
+    data = []
+    for index, image in enumerate(result.images):
+        encoded = _encode(job, reply, image, index)
+        if reply.response_format == "url":
+            name = api.store.put(encoded, reply.output_format)
+            data.append({"url": f"{base_url.rstrip('/')}/v1/images/files/{name}", "revised_prompt": job.prompt})
+        else:
+            data.append({"b64_json": b64(encoded), "revised_prompt": job.prompt})
+    return {"created": int(time.time()), "data": data, "background": "opaque", "output_format": reply.output_format,
+            "quality": reply.quality, "size": f"{job.width}x{job.height}", "usage": reply.usage(job, len(data)),
+            "seed": job.seed}
+
+
+def partial_steps(total: int, count: int) -> set[int]:
+    """The sampler steps whose previews become the ``count`` partial images: evenly spaced."""
+    return {max(1, round(k * total / (count + 1))) for k in range(1, count + 1)}
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def stream_events(api: ImageApi, job: ImageJob, reply: Reply):
+    """SSE: partial images from sampler previews, then one completed event per image (or an error)."""
+    sent, chosen = 0, None
+    common = {"background": "opaque", "output_format": reply.output_format, "quality": reply.quality, "size": f"{job.width}x{job.height}"}
+    async with aclosing(api.events(job)) as events:
+        async for event in events:
+            if isinstance(event, Preview) and event.branch == 0 and sent < reply.partial_images:
+                chosen = chosen if chosen is not None else partial_steps(event.total, reply.partial_images)
+                if event.step in chosen:
+                    encoded = await asyncio.to_thread(encode_image, upscale(event.image, job.width, job.height), reply.output_format,
+                                                      reply.compression)
+                    yield _sse(f"{reply.events}.partial_image", {"type": f"{reply.events}.partial_image", "b64_json": b64(encoded),
+                                                                 "created_at": int(time.time()), "partial_image_index": sent, **common})
+                    sent += 1
+            elif isinstance(event, Finished):
+                for index, image in enumerate(event.images):
+                    encoded = await asyncio.to_thread(_encode, job, reply, image, index)
+                    yield _sse(f"{reply.events}.completed", {"type": f"{reply.events}.completed", "b64_json": b64(encoded),
+                                                             "created_at": int(time.time()), "usage": reply.usage(job, 1), **common})
+            elif isinstance(event, Failed):
+                yield _sse("error", {"type": "error", **from_failure(event).body()})
+
+
+async def respond(request: Request, job: ImageJob, reply: Reply):
+    api = api_of(request)
+    if reply.stream:
+        return StreamingResponse(stream_events(api, job, reply), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-sd3fp8-seed": str(job.seed)})
+    result = await api.generate(job, request)
+    if isinstance(result, Failed):
+        raise from_failure(result)
+    body = await asyncio.to_thread(render, api, job, reply, result, str(request.base_url))
+    headers = {"x-sd3fp8-seed": str(job.seed)}
+    if result.worker:
+        headers["x-sd3fp8-worker"] = result.worker
+    return JSONResponse(body, headers=headers)
+
+
+async def _json_object(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw.strip() else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise invalid(f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid("the body must be a JSON object", code="invalid_json")
+    return body
+
+
+# ---- routes ---------------------------------------------------------------------------------------
+
+STARTED = int(time.time())
+
+
+def _model(name: str) -> dict:
+    return {"id": name, "object": "model", "created": STARTED, "owned_by": "sd3fp8"}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [_model(m) for m in api_of(request).inventory().models]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(request: Request, model_id: str):
+    name = api_of(request).find_model(model_id)
+    if name is None:
+        return OpenAIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found").response()
+    return _model(name)
+
+
+@router.post("/v1/images/generations")
+async def generations(request: Request):
+    try:
+        body = await _json_object(request)
+        job, reply = await asyncio.to_thread(build_job, api_of(request), body)
+        return await respond(request, job, reply)
+    except OpenAIError as e:
+        return e.response()
+    except Exception:  # noqa: BLE001 - a bug: logged, answered in OpenAI's shape
+        log.exception("POST /v1/images/generations failed")
+        return OpenAIError(500, "internal server error; see the server log", code="internal_error", kind="server_error").response()
+
+
+@router.post("/v1/images/edits")
+async def edits(request: Request):
+    try:
+        if "multipart/form-data" not in request.headers.get("content-type", ""):
+            raise invalid("an edit is a multipart/form-data request with the picture in 'image' (or 'image[]')", "image")
+        form = await request.form()
+        try:
+            if form.getlist("mask"):
+                raise invalid("'mask' is not supported: sd3fp8 has no inpainting (an edit redraws the whole picture from it); "
+                              "send the image without a mask", "mask", "unsupported_parameter")
+            uploads = form.getlist("image") + form.getlist("image[]")
+            if not uploads:
+                raise invalid("Missing required parameter: 'image' (or 'image[]').", "image", "missing_required_parameter")
+            if len(uploads) > 1:
+                raise invalid(f"an edit takes one image here (img2img from it); {len(uploads)} were sent", "image")
+            if not isinstance(uploads[0], UploadFile):
+                raise invalid("'image' must be a file", "image")
+            data = await uploads[0].read()
+            fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]", "mask")}
+        finally:
+            await form.close()
+        try:
+            init = await asyncio.to_thread(decode_upload, data)
+        except ValueError as e:
+            raise invalid(str(e), "image", "invalid_image") from None
+        job, reply = await asyncio.to_thread(build_job, api_of(request), fields, init)
+        return await respond(request, job, reply)
+    except OpenAIError as e:
+        return e.response()
+    except Exception:  # noqa: BLE001 - a bug: logged, answered in OpenAI's shape
+        log.exception("POST /v1/images/edits failed")
+        return OpenAIError(500, "internal server error; see the server log", code="internal_error", kind="server_error").response()
+
+
+@router.get("/v1/images/files/{name}")
+async def image_file(request: Request, name: str):
+    data = api_of(request).store.get(name)
+    if data is None:
+        return OpenAIError(404, "no such image (images for response_format=url are kept for an hour)", code="not_found").response()
+    return Response(data, media_type=MIME.get(name.rsplit(".", 1)[-1], "application/octet-stream"),
+                    headers={"cache-control": "private, max-age=3600"})
