@@ -2,10 +2,14 @@
 
 Sizes follow the request: the image is scaled to cover width x height (Lanczos) and centre-cropped.
 Without a requested size, the image's own size rounded down to multiples of 16 is used.
+Files are turned upright by their EXIF orientation (as ComfyUI's LoadImage does); every mode becomes
+RGB: transparency composited onto white, 16-bit and 32-bit integer modes scaled from 0..65535,
+float ("F") images taken as 0..1.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ MAX_PIXELS = MAX_SIDE * MAX_SIDE  # decoded size; PIL's own bomb guard warns onl
 
 def load_image(path: str | Path):
     """A PIL image in RGB from ``path``, or one clear error (missing, unreadable, absurd size)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
@@ -28,19 +32,32 @@ def load_image(path: str | Path):
     if path.stat().st_size > MAX_FILE_BYTES:
         raise ConfigError(f"init image {path} is larger than {MAX_FILE_BYTES // 2**20} MiB")
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise ConfigError(f"init image {path} is {image.width}x{image.height}: more than {MAX_SIDE}x{MAX_SIDE} pixels")
-            image.load()
-            return to_rgb(image)
+        with warnings.catch_warnings():
+            # PIL warns from 89 MP and refuses from 179 MP (a header can claim any size): ours is
+            # the one limit, checked from the header before any pixel is decoded
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise ConfigError(f"init image {path} is {image.width}x{image.height}: more than {MAX_SIDE}x{MAX_SIDE} pixels")
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except ConfigError:  # ours (a ValueError too): not to be wrapped below
+        raise
+    except Image.DecompressionBombError:
+        raise ConfigError(f"init image {path} is more than {MAX_SIDE}x{MAX_SIDE} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ConfigError(f"init image {path} cannot be read as an image: {e}") from None
 
 
 def to_rgb(image):
-    """RGB, with transparency composited onto white (what a viewer shows)."""
+    """RGB, with transparency composited onto white (what a viewer shows); 16/32-bit integer
+    grayscale scaled from 0..65535 and float grayscale from 0..1 (a plain convert would clip them)."""
     from PIL import Image
 
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        scale = 255.0 if image.mode == "F" else 1 / 257  # 65535 -> 255
+        gray = np.clip(np.rint(np.asarray(image, dtype=np.float64) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
