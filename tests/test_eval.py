@@ -6,9 +6,9 @@ from PIL import Image
 
 from sd3fp8 import cli
 from sd3fp8.errors import ConfigError
-from sd3fp8.evalkit.evaluation import evaluate, parse_config, write_report
+from sd3fp8.evalkit.evaluation import default_prompts, evaluate, parse_config, write_report
 from sd3fp8.miniature.bundled import default_model_path
-from sd3fp8.miniature.world import heldout_prompts
+from sd3fp8.miniature.world import heldout_prompts, parse_caption
 
 
 def test_parse_config():
@@ -40,6 +40,22 @@ def test_eval_on_the_shape_world_model_writes_well_formed_files(tmp_path):
     assert "| fp8 | weight-only |" in md and "| fp32 |" in md
     grid = Image.open(paths[2])
     assert grid.size == (5 * 128, 1 * 128)  # reference + 2 x (image, heatmap); one prompt x one seed
+
+
+def test_eval_takes_partial_captions_and_comfy_text_mode():
+    prompts = default_prompts(default_model_path(), 2, "partial")
+    assert prompts == heldout_prompts(2, kind="partial") and not any(parse_caption(p).full for p in prompts)
+    assert default_prompts(default_model_path(), 2) == heldout_prompts(2, kind="full")
+    report = evaluate(None, prompts[:1], [0], reference="bf16", candidates=("fp8",), steps=3, progress=False, text_mode="comfy")
+    assert report["text_mode"] == "comfy" and 0 <= report["configs"][1]["adherence"] <= 1
+
+
+def test_eval_cli_checks_text_mode_and_captions(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--text-mode", "a1111"])
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--captions", "some"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_eval_on_a_non_world_model_reports_image_metrics_only(tiny_model):

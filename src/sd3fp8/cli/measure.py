@@ -28,12 +28,13 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     model = args.model if args.model is not None else default_model_path()
     check_model_folder(model)
-    prompts = read_prompts(args.prompts) if args.prompts else default_prompts(model, args.count)
+    prompts = read_prompts(args.prompts) if args.prompts else default_prompts(model, args.count, args.captions)
     candidates = tuple(c for c in args.candidates.split(",") if c.strip())
     for spec in (args.reference, *candidates):
         parse_config(spec)  # fail before any generation
     report = evaluate(model, prompts, list(range(args.seeds)), args.reference, candidates, args.steps,
-                      Policy.load(args.policy) if args.policy else None, progress=not args.quiet, calibration=args.calibration)
+                      Policy.load(args.policy) if args.policy else None, progress=not args.quiet, calibration=args.calibration,
+                      text_mode=args.text_mode)
     print(markdown_table(report), end="")
     for path in write_report(report, args.out):
         print(f"wrote {path}")
@@ -95,6 +96,10 @@ def register(sub) -> None:
     p.add_argument("--count", type=int, default=8, help="how many default prompts (default 8)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt: 0..N-1 (default 2)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's recipe)")
+    p.add_argument("--text-mode", choices=("diffusers", "comfy"), default="diffusers",
+                   help="how prompts become conditioning (engine/text.py; default diffusers)")
+    p.add_argument("--captions", choices=("full", "partial"), default="full",
+                   help="shape-world models: held-out captions stating everything, or leaving parts out (default full)")
     p.add_argument("--reference", default="bf16", help="reference configuration (default bf16)")
     p.add_argument("--candidates", default="fp8", help="comma-separated: fp8, fp8-tensor, fp8-e5m2, fp8-t5, fp8-scaled-mm, "
                    "fp8-scaled-mm-row, fp8-static, fp8-static-keepP (P %% kept 16-bit), fp8-cast, no-t5, bf16, fp16, fp32; "

@@ -81,12 +81,13 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def default_prompts(model_path: Path, count: int = 8) -> list[str]:
-    """Held-out captions for a shape-world model, else the shipped SD3.5 prompt set."""
+def default_prompts(model_path: Path, count: int = 8, captions: str = "full") -> list[str]:
+    """Held-out captions for a shape-world model (``captions``: full or partial ones), else the
+    shipped SD3.5 prompt set."""
     if model_world(model_path) == SHAPE_WORLD:
         from sd3fp8.miniature.world import heldout_prompts
 
-        return heldout_prompts(count)
+        return heldout_prompts(count, kind=captions)
     return read_prompts(Path(__file__).parent / "prompts" / "sd35.txt")[:count]
 
 
@@ -116,7 +117,8 @@ class RunResult:
 
 
 def run_config(model: Path | None, config: EvalConfig, prompts: list[str], seeds: list[int], base_policy: Policy,
-               steps: int | None, on_image: Callable[[], None], calibration: Path | None = None) -> RunResult:
+               steps: int | None, on_image: Callable[[], None], calibration: Path | None = None,
+               text_mode: str = "diffusers") -> RunResult:
     policy = base_policy.replace(**config.policy)
     if config.keep_budget is not None:
         from sd3fp8.fp8.calibration import Calibration
@@ -129,7 +131,7 @@ def run_config(model: Path | None, config: EvalConfig, prompts: list[str], seeds
     images, start = [], time.perf_counter()
     for prompt in prompts:
         for seed in seeds:
-            result = engine(prompt, seed=seed, steps=steps)
+            result = engine(prompt, seed=seed, steps=steps, text_mode=text_mode)
             images.append(np.asarray(result.images[0]))
             on_image()
     seconds = (time.perf_counter() - start) / len(images)
@@ -151,8 +153,10 @@ def evaluate(
     base_policy: Policy | None = None,
     progress: bool = True,
     calibration: Path | None = None,
+    text_mode: str = "diffusers",
 ) -> dict:
-    """Run every configuration on the same prompts and seeds; return the report (and images)."""
+    """Run every configuration on the same prompts and seeds (prompts encoded in ``text_mode``:
+    diffusers or comfy); return the report (and images)."""
     from tqdm import tqdm
 
     from sd3fp8.miniature.bundled import default_model_path
@@ -167,11 +171,13 @@ def evaluate(
     runs = []
     for config in configs:
         bar.set_postfix(config=config.name)
-        runs.append(run_config(model_path, config, prompts, seeds, base_policy, steps, lambda: bar.update(1), calibration))
+        runs.append(run_config(model_path, config, prompts, seeds, base_policy, steps, lambda: bar.update(1), calibration,
+                               text_mode))
     bar.close()
 
     report = {
-        "model": str(model_path), "prompts": prompts, "seeds": seeds, "steps": steps, "reference": configs[0].name,
+        "model": str(model_path), "prompts": prompts, "seeds": seeds, "steps": steps, "text_mode": text_mode,
+        "reference": configs[0].name,
         "judge": SHAPE_WORLD if judged else None,
         "note": None if judged else "adherence and distribution distance need the shape-world judge; this model is not "
         "a shape-world model, so only image metrics against the reference are reported",
