@@ -51,17 +51,17 @@ class TrainConfig:
     pool: int = 16000  # world images rendered once and reused
     captions: int = 2  # random captions per pool image (training draws one per use)
     comfy_share: float = 0.5  # batches conditioned in ComfyUI's text mode; the rest in diffusers'
-    vae_steps: int = 900
+    vae_steps: int = 700
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    dit_steps: int = 3000
+    dit_steps: int = 3500
     dit_batch: int = 64
     dit_lr: float = 1e-3
     warmup: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    threads: int = 2
+    threads: int = 1  # one thread: its CPU time is its wall time on an idle machine (and 2 threads lose to spinning on a shared one)
     # generation defaults written into the model's sd3fp8.json
     steps: int = 20
     cfg: float = 3.0
