@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sd3fp8.cli.common import ACTIVATIONS, BACKENDS, COMPUTE_DTYPES, GRANULARITIES, OFFLOADS
 from sd3fp8.errors import ConfigError
 
 
@@ -93,16 +94,16 @@ def _add_engine_options(p) -> None:
     g.add_argument("--precision", help="transformer storage when UNETLoader says 'default' and for checkpoints: fp8 "
                    "(= fp8-e4m3), fp8-e5m2, bf16, fp16, fp32 (default fp8)")
     g.add_argument("--t5", help="T5-XXL encoder: fp8, bf16, fp16, fp32 or off (default: compute dtype)")
-    g.add_argument("--granularity", help="FP8 weight scales: tensor or channel (default channel)")
+    g.add_argument("--granularity", choices=GRANULARITIES, help="FP8 weight scales: tensor or channel (default channel)")
     g.add_argument("--policy", type=Path, help="precision policy file (JSON or TOML); the flags above override it")
     g.add_argument("--exclude", action="append", help="keep transformer modules matching this pattern in 16 bit (repeatable)")
     g.add_argument("--keep-models", type=int, default=1, metavar="N",
                    help="loaded models kept per kind (checkpoint, diffusion model, text encoders, VAE) for later prompts (default 1)")
     g = p.add_argument_group("runtime")
-    g.add_argument("--backend", default="auto", help="FP8 linears: auto, scaled-mm, weight-only (default auto)")
+    g.add_argument("--backend", default="auto", choices=BACKENDS, help="FP8 linears: auto, scaled-mm, weight-only, emulated (default auto)")
     g.add_argument("--force-fp8", action="store_true", help="run scaled-mm (FP8 GEMM) even without FP8 tensor cores")
-    g.add_argument("--activation", default="tensor", help="dynamic activation scales for scaled-mm: tensor or row")
-    g.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16; fp32 on CPUs without bf16), bf16, fp16, fp32")
+    g.add_argument("--activation", default="tensor", choices=ACTIVATIONS, help="dynamic activation scales for scaled-mm: tensor or row")
+    g.add_argument("--dtype", default="auto", choices=COMPUTE_DTYPES, help="compute dtype: auto (bf16; fp32 on CPUs without bf16), bf16, fp16, fp32")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--offload", default="none", help="none; model (needs a GPU); stages (checkpoints only: text encoders, "
+    g.add_argument("--offload", default="none", choices=OFFLOADS, help="none; model (needs a GPU); stages (checkpoints only: text encoders, "
                    "then the transformer, loaded only while each runs)")
