@@ -96,8 +96,9 @@ def plot(summary: dict, path: Path) -> None:
         axes[0].plot(steps, [r["adherence"] for r in rows], **style)
         axes[1].plot(steps, [r["psnr"] for r in rows], **style)
         axes[2].plot([r["model_calls"] for r in rows], [r["psnr"] for r in rows], **style)
-    axes[0].axhline(reference_adherence, color="gray", linewidth=0.8)
-    axes[0].set(xlabel="steps", ylabel="mean held-out adherence", title="adherence (gray: euler at 100 steps)")
+    if reference_adherence is not None:  # a run recovered from its log has none
+        axes[0].axhline(reference_adherence, color="gray", linewidth=0.8)
+    axes[0].set(xlabel="steps", ylabel="mean held-out adherence", title="adherence" + (" (gray: euler at 100 steps)" if reference_adherence is not None else ""))
     axes[1].set(xlabel="steps", ylabel="PSNR vs euler@100 (dB)", title="PSNR against the 100-step euler image")
     axes[2].set(xlabel="model evaluations (transformer calls)", ylabel="PSNR vs euler@100 (dB)", xscale="log",
                 title="PSNR per model evaluation")  # fmt: skip
