@@ -7,7 +7,8 @@ from contextlib import aclosing
 import pytest
 
 from sd3fp8.server.imageapi import aspect_size
-from sd3fp8.server.imagejobs import INTERRUPTED, INVALID, Failed, Finished, ImageJob, LocalRunner, Preview, Progress, Started, to_workflow
+from sd3fp8.server.imagejobs import INTERRUPTED, INVALID, Failed, Finished, ImageJob, Preview, Progress, Started, to_workflow
+from sd3fp8.server.localrunner import LocalRunner
 from sd3fp8.server.openai_api import partial_steps
 from sd3fp8.workflow import build_registry, validate_prompt
 from sd3fp8.workflow.spec import Folders

@@ -3,7 +3,7 @@
 Two deployments:
 
 - ``ImageWorker`` (N replicas, or autoscaled): loads the engine once per replica (one GPU each
-  where the cluster has GPUs) and runs jobs with a :class:`~sd3fp8.server.imagejobs.LocalRunner`
+  where the cluster has GPUs) and runs jobs with a :class:`~sd3fp8.server.localrunner.LocalRunner`
   (the same workflows as ``sd3fp8 serve``, so the same seed gives the same pixels; jobs waiting
   together with the same model, size, steps, cfg and a deterministic sampler share one sampler
   run). Its ``run`` streams job events; ``check_health`` fails when the runner thread died, so
@@ -77,7 +77,7 @@ class ImageWorker:
         import torch
         from ray import serve
 
-        from sd3fp8.server.imagejobs import LocalRunner
+        from sd3fp8.server.localrunner import LocalRunner
 
         if threads:
             torch.set_num_threads(threads)

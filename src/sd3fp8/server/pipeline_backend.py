@@ -1,10 +1,10 @@
-"""A small engine Backend over :class:`~sd3fp8.engine.pipeline.SD3FP8Pipeline`: whole checkpoints
-only (CheckpointLoaderSimple), ComfyUI's text encoding, noise and sampling.
+"""The Ray replicas' engine Backend over :class:`~sd3fp8.engine.pipeline.SD3FP8Pipeline`: whole
+checkpoints only (CheckpointLoaderSimple), ComfyUI's text encoding, noise and sampling.
 
-It exists so the OpenAI/A1111 adapters and the Ray replicas run the real engine before the full
-engine backend of ``sd3fp8 serve`` (separate loaders, weight_dtype policies, a ComfyUI models tree)
-lands; anything implementing :class:`~sd3fp8.workflow.backend.Backend` replaces it. Besides the
-protocol it offers the two optional methods the API layer looks for:
+``sd3fp8 serve`` itself uses the full engine backend (server/engine_backend.py: separate loaders,
+weight_dtype policies, a ComfyUI models tree). The replicas serve the OpenAI and A1111 routes only,
+whose workflows load whole checkpoints, and they batch: so they keep this smaller backend, which
+besides the protocol offers the two optional methods the API layer looks for:
 
 - ``model_defaults(name) -> dict`` (steps, cfg, width, height): the checkpoint's recipe, without
   loading it;
