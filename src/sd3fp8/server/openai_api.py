@@ -197,37 +197,25 @@ class Reply:
                 "output_tokens": output, "total_tokens": prompt + output}
 
 
-def build_job(api: ImageApi, fields: dict, init=None) -> tuple[ImageJob, Reply]:
-    """The job and reply options of a generations (``init`` None) or edits request; OpenAIError
-    naming the field otherwise."""
-    from sd3fp8.errors import ConfigError
-    from sd3fp8.sampling.aliases import parse_sampler, parse_scheduler
-
-    edit = init is not None
-    unknown = sorted(set(fields) - (EDIT_FIELDS if edit else COMMON_FIELDS))
-    if unknown:
-        raise invalid(f"Unknown parameter: '{unknown[0]}'.", unknown[0], "unknown_parameter")
-    if "prompt" not in fields:
-        raise invalid("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
-    prompt = _str(fields["prompt"], "prompt")
-    if not prompt.strip() or len(prompt) > MAX_PROMPT:
-        raise invalid(f"'prompt' must be a non-empty string of at most {MAX_PROMPT} characters", "prompt")
-    inventory = api.inventory()
+def _requested_model(api: ImageApi, fields: dict) -> str:
+    """The model a request names (a file name or its stem), else the server's default."""
     if fields.get("model") is None:
         model = api.default_model()
         if model is None:
             raise OpenAIError(404, "this server has no models", "model", "model_not_found")
-    else:
-        model = api.find_model(_str(fields["model"], "model"))
-        if model is None:
-            raise OpenAIError(404, f"The model '{fields['model']}' does not exist (GET /v1/models lists this server's models)",
-                              "model", "model_not_found")
-    defaults = inventory.defaults[model]
-    n = _int(fields.get("n", 1), "n", 1, MAX_N)
-    size = parse_size(fields.get("size", "auto"))
-    if size is None:
-        size = aspect_size(*init.size, defaults["width"], defaults["height"]) if edit else (defaults["width"], defaults["height"])
-    width, height = size
+        return model
+    model = api.find_model(_str(fields["model"], "model"))
+    if model is None:
+        raise OpenAIError(404, f"The model '{fields['model']}' does not exist (GET /v1/models lists this server's models)",
+                          "model", "model_not_found")
+    return model
+
+
+def _sampling(fields: dict, defaults: dict, inventory) -> tuple[int, float, str, str, str]:
+    """steps, cfg, sampler, scheduler and the quality name; omitted ones from the model's defaults."""
+    from sd3fp8.errors import ConfigError
+    from sd3fp8.sampling.aliases import parse_sampler, parse_scheduler
+
     quality = _str(fields.get("quality", "auto"), "quality", tuple(QUALITY_STEPS))
     if fields.get("steps") is not None:
         steps = _int(fields["steps"], "steps", 1, 1000)
@@ -246,8 +234,12 @@ def build_job(api: ImageApi, fields: dict, init=None) -> tuple[ImageJob, Reply]:
         raise invalid(f"sampler {sampler!r} is not available here; available: {', '.join(inventory.samplers)}", "sampler")
     if scheduler not in inventory.schedulers:
         raise invalid(f"scheduler {scheduler!r} is not available here; available: {', '.join(inventory.schedulers)}", "scheduler")
-    seed = _int(fields["seed"], "seed", 0, 2**64 - 1) if fields.get("seed") is not None else secrets.randbelow(2**32)
-    negative = _str(fields.get("negative_prompt", ""), "negative_prompt")
+    return steps, cfg, sampler, scheduler, quality
+
+
+def _output(fields: dict) -> tuple[str, str, int | None, str | None, bool, int]:
+    """response_format, output_format, compression, user, stream, partial_images; the accepted
+    fields we do not act on are still type-checked."""
     response_format = _str(fields.get("response_format", "b64_json"), "response_format", ("b64_json", "url"))
     output_format = _str(fields.get("output_format", "png"), "output_format", OUTPUT_FORMATS)
     compression = _int(fields["output_compression"], "output_compression", 0, 100) if fields.get("output_compression") is not None else None
@@ -264,6 +256,33 @@ def build_job(api: ImageApi, fields: dict, init=None) -> tuple[ImageJob, Reply]:
         user = _str(user, "safety_identifier" if fields.get("safety_identifier") else "user")[:256]
     stream = _bool(fields.get("stream", False), "stream")
     partial_images = _int(fields.get("partial_images", 0), "partial_images", 0, 3)
+    return response_format, output_format, compression, user, stream, partial_images
+
+
+def build_job(api: ImageApi, fields: dict, init=None) -> tuple[ImageJob, Reply]:
+    """The job and reply options of a generations (``init`` None) or edits request; OpenAIError
+    naming the field otherwise."""
+    edit = init is not None
+    unknown = sorted(set(fields) - (EDIT_FIELDS if edit else COMMON_FIELDS))
+    if unknown:
+        raise invalid(f"Unknown parameter: '{unknown[0]}'.", unknown[0], "unknown_parameter")
+    if "prompt" not in fields:
+        raise invalid("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    prompt = _str(fields["prompt"], "prompt")
+    if not prompt.strip() or len(prompt) > MAX_PROMPT:
+        raise invalid(f"'prompt' must be a non-empty string of at most {MAX_PROMPT} characters", "prompt")
+    inventory = api.inventory()
+    model = _requested_model(api, fields)
+    defaults = inventory.defaults[model]
+    n = _int(fields.get("n", 1), "n", 1, MAX_N)
+    size = parse_size(fields.get("size", "auto"))
+    if size is None:
+        size = aspect_size(*init.size, defaults["width"], defaults["height"]) if edit else (defaults["width"], defaults["height"])
+    width, height = size
+    steps, cfg, sampler, scheduler, quality = _sampling(fields, defaults, inventory)
+    seed = _int(fields["seed"], "seed", 0, 2**64 - 1) if fields.get("seed") is not None else secrets.randbelow(2**32)
+    negative = _str(fields.get("negative_prompt", ""), "negative_prompt")
+    response_format, output_format, compression, user, stream, partial_images = _output(fields)
     denoise, init_png, image_tokens = 1.0, None, 0
     if edit:
         denoise = _float(fields.get("strength", DEFAULT_STRENGTH), "strength", 0.0, 1.0)
