@@ -110,7 +110,7 @@ class Finished:
     worker: str | None = None  # which replica ran it (Ray)
 
 
-# why a job failed -> what the API answers (see openai_api.STATUS)
+# why a job failed -> what the API answers (see openai_request.from_failure)
 INVALID, QUEUE_FULL, INTERRUPTED, EXECUTION, OUT_OF_MEMORY, UNAVAILABLE = (
     "invalid", "queue_full", "interrupted", "execution", "out_of_memory", "unavailable")
 
