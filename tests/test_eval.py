@@ -9,9 +9,8 @@ from sd3fp8.errors import ConfigError
 from sd3fp8.evalkit.configs import REGISTRY, check_configurations, parse_configuration, parse_configurations
 from sd3fp8.evalkit.evaluation import evaluate, write_report
 from sd3fp8.evalkit.metrics import psnr
-from sd3fp8.evalkit.prompt_sets import default_prompts
 from sd3fp8.miniature.bundled import default_model_path
-from sd3fp8.miniature.world import heldout_prompts, parse_caption
+from sd3fp8.miniature.world import heldout_prompts
 
 
 def test_parse_configuration():
@@ -91,22 +90,6 @@ def test_eval_report_files(world_report, tmp_path):
     assert f"| fp8@fp32 | weight-only | {fp8['adherence']:.3f} | n/a | {fp8['psnr']:.1f} |" in md and "| fp32 | none |" in md
     grid = Image.open(paths[2])
     assert grid.size == (5 * 128, 1 * 128)  # reference + 2 x (image, heatmap); one prompt x one seed
-
-
-def test_eval_takes_partial_captions_and_comfy_text_mode():
-    prompts = default_prompts(default_model_path(), 2, "partial")
-    assert prompts == heldout_prompts(2, kind="partial") and not any(parse_caption(p).full for p in prompts)
-    assert default_prompts(default_model_path(), 2) == heldout_prompts(2, kind="full")
-    report = evaluate(None, prompts[:1], [0], reference="bf16", candidates=("fp8",), steps=3, progress=False, text_mode="comfy")
-    assert report["text_mode"] == "comfy" and 0 <= report["configs"][1]["adherence"] <= 1
-
-
-def test_eval_cli_checks_text_mode_and_captions(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["eval", "--text-mode", "a1111"])
-    with pytest.raises(SystemExit):
-        cli.main(["eval", "--captions", "some"])
-    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_eval_on_a_non_world_model_reports_image_metrics_only(tiny_model):

@@ -14,10 +14,10 @@ CONFIG_HELP = ("fp8, fp8-tensor, fp8-e5m2, fp8-t5, no-t5, fp8-scaled-mm, fp8-sca
                "NAME@fp32, @bf16 or @fp16 sets the compute dtype")
 
 
-def _prompts(args, model, count: int, captions: str = "full") -> list[str]:
+def _prompts(args, model, count: int) -> list[str]:
     from sd3fp8.evalkit.prompt_sets import default_prompts, read_prompts
 
-    return (read_prompts(args.prompts) if args.prompts else default_prompts(model.resolved_path(), count, captions))[:count]
+    return (read_prompts(args.prompts) if args.prompts else default_prompts(model.resolved_path(), count))[:count]
 
 
 def _base_policy(args):
@@ -44,11 +44,10 @@ def cmd_eval(args) -> int:
     base = _base_policy(args)
     model = model_spec(args)
     model.check(base)
-    prompts = _prompts(args, model, args.count, args.captions)
+    prompts = _prompts(args, model, args.count)
     quiet_libraries()
     report = evaluate(model, prompts, list(range(args.seeds)), args.reference, candidates, args.steps, base,
-                      progress=not args.quiet, calibration=args.calibration,
-                      text_mode=args.text_mode)
+                      progress=not args.quiet, calibration=args.calibration)
     print(markdown_table(report), end="")
     for path in write_report(report, args.out):
         print(f"wrote {path}")
@@ -110,10 +109,6 @@ def register(sub) -> None:
     p.add_argument("--count", type=int, default=8, help="how many prompts (default 8)")
     p.add_argument("--seeds", type=int, default=2, metavar="N", help="seeds per prompt: 0..N-1 (default 2)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's recipe)")
-    p.add_argument("--text-mode", choices=("diffusers", "comfy"), default="diffusers",
-                   help="how prompts become conditioning (engine/text.py; default diffusers)")
-    p.add_argument("--captions", choices=("full", "partial"), default="full",
-                   help="shape-world models: held-out captions stating everything, or leaving parts out (default full)")
     p.add_argument("--reference", default="bf16", help="reference configuration (default bf16)")
     p.add_argument("--candidates", default="fp8", help=f"comma-separated: {CONFIG_HELP}")
     p.add_argument("--policy", type=Path, help="base policy file the configurations modify")

@@ -33,13 +33,12 @@ class RunResult:
 
 
 def run_config(model: ModelSpec, config: Configuration, prompts: list[str], seeds: list[int], base_policy: Policy | None,
-               steps: int | None, on_image: Callable[[], None], calibration: Path | None = None,
-               text_mode: str = "diffusers") -> RunResult:
+               steps: int | None, on_image: Callable[[], None], calibration: Path | None = None) -> RunResult:
     engine = load_configuration(model, config, base_policy, calibration)
     images, start = [], time.perf_counter()
     for prompt in prompts:
         for seed in seeds:
-            result = engine(prompt, seed=seed, steps=steps, text_mode=text_mode)
+            result = engine(prompt, seed=seed, steps=steps)
             images.append(np.asarray(result.images[0]))
             on_image()
     seconds = (time.perf_counter() - start) / len(images)
@@ -61,11 +60,9 @@ def evaluate(
     base_policy: Policy | None = None,
     progress: bool = True,
     calibration: Path | None = None,
-    text_mode: str = "diffusers",
 ) -> dict:
-    """Run every configuration on the same prompts and seeds (prompts encoded in ``text_mode``:
-    diffusers or comfy); return the report (and images). Every configuration and the calibration
-    are checked before the first model loads."""
+    """Run every configuration on the same prompts and seeds; return the report (and images).
+    Every configuration and the calibration are checked before the first model loads."""
     from tqdm import tqdm
 
     model = model if isinstance(model, ModelSpec) else ModelSpec(None if model is None else str(model))
@@ -76,11 +73,11 @@ def evaluate(
     runs = []
     for config in configs:
         bar.set_postfix(config=config.name)
-        runs.append(run_config(model, config, prompts, seeds, base_policy, steps, lambda: bar.update(1), calibration, text_mode))
+        runs.append(run_config(model, config, prompts, seeds, base_policy, steps, lambda: bar.update(1), calibration))
     bar.close()
 
     report: dict[str, Any] = {
-        "model": str(model.resolved_path()), "prompts": prompts, "seeds": seeds, "steps": steps, "text_mode": text_mode, "reference": configs[0].name,
+        "model": str(model.resolved_path()), "prompts": prompts, "seeds": seeds, "steps": steps, "reference": configs[0].name,
         "judge": SHAPE_WORLD if judged else None,
         "note": None if judged else "adherence and distribution distance need the shape-world judge; this model is not "
         "a shape-world model, so only image metrics against the reference are reported",

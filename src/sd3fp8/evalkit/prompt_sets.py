@@ -24,13 +24,12 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def default_prompts(model_path: Path, count: int = 8, captions: str = "full") -> list[str]:
-    """Held-out captions for a shape-world model (``captions``: full or partial ones), else the
-    shipped SD3.5 prompt set."""
+def default_prompts(model_path: Path, count: int = 8) -> list[str]:
+    """Held-out captions for a shape-world model, else the shipped SD3.5 prompt set."""
     if model_world(model_path) == SHAPE_WORLD:
         from sd3fp8.miniature.world import heldout_prompts
 
-        return heldout_prompts(count, kind=captions)
+        return heldout_prompts(count)
     return read_prompts(DATA / "sd35.txt")[:count]
 
 

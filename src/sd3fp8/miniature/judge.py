@@ -1,5 +1,4 @@
-"""The shape world's judge: reads an image, finds its shapes, scores adherence to a caption,
-checking only what the caption states.
+"""The shape world's judge: reads an image, finds its shapes, scores adherence to a caption.
 
 Our analogue of CLIP score (adherence in [0, 1]) and, through :func:`features`, of FID (a
 Frechet distance over the judge's per-image features). Pure numpy; deterministic.
@@ -13,16 +12,7 @@ from collections import deque
 
 import numpy as np
 
-from sd3fp8.miniature.world import (
-    BACKGROUNDS,
-    CELL_CENTERS,
-    COLORS,
-    IMAGE_SIZE,
-    Caption,
-    Scene,
-    family,
-    parse_caption,
-)
+from sd3fp8.miniature.world import BACKGROUNDS, CELL_CENTERS, COLORS, IMAGE_SIZE, Scene, parse_caption
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as a shape pixel
 MIN_AREA = 12  # pixels (at 64x64); smaller blobs are noise
@@ -137,31 +127,20 @@ def analyze(image: np.ndarray) -> Analysis:
     return Analysis(_nearest(bg_rgb, BACKGROUNDS), tuple(float(v) for v in bg_rgb), tuple(blobs), float(mask.mean()))
 
 
-def score_scene(analysis: Analysis, caption: Caption | Scene) -> float:
-    """Share of what the caption states that the image shows: per shape its kind and colour, and
-    its size and position when stated; the background when stated (exactly, or only its colour:
-    "blue" is either tone); and the number of shapes. What the caption leaves out is not checked."""
-    if isinstance(caption, Scene):
-        caption = caption.statement()
-    n = len(caption.shapes)
+def score_scene(analysis: Analysis, scene: Scene) -> float:
+    """Share of the caption's attributes the image shows: per shape kind, colour, size and
+    position; plus the background and the number of shapes."""
+    n = len(scene.shapes)
     candidates = analysis.blobs[: n + 1]
     best = 0
     for chosen in itertools.permutations(range(len(candidates)), min(n, len(candidates))):
         hits = 0
-        for shape, i in zip(caption.shapes, chosen):
+        for shape, i in zip(scene.shapes, chosen):
             b = candidates[i]
-            hits += (b.kind == shape.kind) + (b.color == shape.color)
-            hits += (shape.size is not None and b.size == shape.size) + (shape.cell is not None and b.cell == shape.cell)
+            hits += (b.kind == shape.kind) + (b.color == shape.color) + (b.size == shape.size) + (b.cell == shape.cell)
         best = max(best, hits)
-    stated = 2 * n + sum((s.size is not None) + (s.cell is not None) for s in caption.shapes) + 1
-    total = best + (len(analysis.blobs) == n)
-    if caption.background is not None:
-        stated += 1
-        if caption.background in BACKGROUNDS:
-            total += analysis.background == caption.background
-        else:
-            total += family(analysis.background) == caption.background
-    return total / stated
+    total = best + (analysis.background == scene.background) + (len(analysis.blobs) == n)
+    return total / (4 * n + 2)
 
 
 def adherence(image: np.ndarray, caption: str) -> float:

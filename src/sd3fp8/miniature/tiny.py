@@ -40,47 +40,27 @@ class TinySpec:
     max_tokens: int = 77  # CLIP context length (SD3: 77)
     scheduler_shift: float = 3.0  # FlowMatchEulerDiscreteScheduler shift (SD3: 3.0 at 1024 px)
     seed: int = 0
-    clip_g_pad: str = "<|endoftext|>"  # CLIP-G's pad token (SD3.5's tokenizer_2 pads with "!", as ComfyUI does)
-    t5_lowercase: bool = False  # T5 tokenizer lowercases its input (as CLIP's does)
-
-
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """CLIP's BPE on one word: merge the best-ranked adjacent pair (every occurrence) until none is known."""
-    while len(symbols) > 1:
-        known = [pair for pair in zip(symbols, symbols[1:]) if pair in ranks]
-        if not known:
-            break
-        first, second = min(known, key=ranks.__getitem__)
-        merged, i = [], 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == (first, second):
-                merged.append(first + second)
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return symbols
 
 
 def _clip_tokenizer_files(words: tuple[str, ...], folder: Path) -> int:
     """Write vocab.json / merges.txt of a byte-level BPE whose merges spell out ``words``.
 
-    Known words become one token (each word's merges are added after running the merges so far on
-    it, so an earlier word's merges never split a later one); anything else falls back to
-    characters. Returns the vocab size.
+    Known words become one token; anything else falls back to characters. Returns the vocab size.
     """
     vocab: dict[str, int] = {}
     for ch in _ASCII:
         vocab.setdefault(ch, len(vocab))
     for ch in _ASCII:
         vocab.setdefault(ch + "</w>", len(vocab))
-    ranks: dict[tuple[str, str], int] = {}
+    merges: list[str] = []
     for word in sorted(set(words)):
-        while len(symbols := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
-            ranks[(symbols[0], symbols[1])] = len(ranks)
-            vocab.setdefault(symbols[0] + symbols[1], len(vocab))
-    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1])]
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merge = f"{symbols[0]} {symbols[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
+            vocab.setdefault(symbols[0], len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,28 +69,26 @@ def _clip_tokenizer_files(words: tuple[str, ...], folder: Path) -> int:
     return len(vocab)
 
 
-def build_clip_tokenizer(words: tuple[str, ...], folder: Path, max_tokens: int = 77, pad_token: str = "<|endoftext|>"):
+def build_clip_tokenizer(words: tuple[str, ...], folder: Path, max_tokens: int = 77):
     from transformers import CLIPTokenizer
 
     _clip_tokenizer_files(words, folder)
     tok = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=max_tokens
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=max_tokens
     )
     tok.save_pretrained(folder)
     return tok
 
 
-def build_t5_tokenizer(words: tuple[str, ...], folder: Path, lowercase: bool = False):
+def build_t5_tokenizer(words: tuple[str, ...], folder: Path):
     """A Unigram (SentencePiece-style) tokenizer in tokenizer.json form: pad 0, eos 1, unk 2."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [("\u2581" + w, -1.0) for w in sorted(set(words))]
     pieces += [(c, -5.0) for c in _ASCII]
     backend = Tokenizer(models.Unigram(pieces, unk_id=2))
-    if lowercase:
-        backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
@@ -136,8 +114,8 @@ def build_tiny_pipeline(spec: TinySpec, folder: Path):
 
     torch.manual_seed(spec.seed)
     tokenizer = build_clip_tokenizer(spec.words, folder / "tokenizer", spec.max_tokens)
-    tokenizer_2 = build_clip_tokenizer(spec.words, folder / "tokenizer_2", spec.max_tokens, spec.clip_g_pad)
-    tokenizer_3 = build_t5_tokenizer(spec.words, folder / "tokenizer_3", spec.t5_lowercase)
+    tokenizer_2 = build_clip_tokenizer(spec.words, folder / "tokenizer_2", spec.max_tokens)
+    tokenizer_3 = build_t5_tokenizer(spec.words, folder / "tokenizer_3")
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     def clip():
