@@ -177,3 +177,37 @@ def test_pipeline_takes_its_transformer_from_a_single_file(tiny_model, tmp_path)
     a = np.asarray(folder_engine("a red circle", **kwargs).images[0], dtype=np.float64)
     b = np.asarray(engine("a red circle", **kwargs).images[0], dtype=np.float64)
     assert 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12)) > 38
+
+
+def test_a_16_bit_file_loads_into_fp8_one_tensor_at_a_time(tmp_path, reference, monkeypatch):
+    """Loading streams: at no moment do the tensors read from the file and still alive exceed what
+    the finished model keeps in 16 bit plus two of the file's largest tensors (a fused qkv cached for
+    its three parts, and the part being quantized). Reading the whole state dict first, as loading
+    once did, holds every 16-bit linear weight at once and fails this."""
+    import itertools
+    import weakref
+
+    from sd3fp8.io.checkpoint import LazyTensors, read_header
+
+    model, original = reference
+    path = save(tmp_path, {k: v.to(torch.bfloat16) for k, v in original.items()})
+    live: dict[int, int] = {}
+    peak, tokens = [0], itertools.count()
+    real_get = LazyTensors.get
+
+    def counting_get(self, name):
+        tensor = real_get(self, name)
+        token = next(tokens)
+        live[token] = tensor.numel() * tensor.element_size()
+        weakref.finalize(tensor, live.pop, token, None)
+        peak[0] = max(peak[0], sum(live.values()))
+        return tensor
+
+    monkeypatch.setattr(LazyTensors, "get", counting_get)
+    loaded, fp8_names, _ = load_mmdit(path, Policy(), torch.bfloat16)
+    kept = sum(t.numel() * t.element_size() for t in [*loaded.parameters(), *loaded.buffers()] if t.dtype == torch.bfloat16)
+    header = read_header(path)
+    largest = max(info.nbytes for info in header.tensors.values())
+    total = sum(info.nbytes for info in header.tensors.values())
+    assert fp8_names and total > kept + 4 * largest  # the bound below tells streaming from a full read
+    assert peak[0] <= kept + 2 * largest, (peak[0], kept, largest, total)

@@ -1,7 +1,8 @@
 """Build an SD3Transformer2DModel from an original-layout single file, in any precision it holds.
 
 The model is built on the ``meta`` device and real tensors are assigned (never allocated twice);
-file tensors are read one at a time (io/checkpoint.LazyTensors). FP8 weights that the policy keeps FP8 stay byte-identical
+file tensors are read one at a time, when their layer is built (:class:`FileTensor`), so loading a
+16-bit file into FP8 holds the FP8 model plus one 16-bit tensor, never the file's state dict. FP8 weights that the policy keeps FP8 stay byte-identical
 (a fused ``qkv`` is split with its shared scale); FP8 weights the policy wants in 16 bit are
 dequantized; 16/32-bit weights the policy wants in FP8 are quantized as they are read.
 """
@@ -31,12 +32,52 @@ INPUT_SCALE_SUFFIXES = ("scale_input", "input_scale")
 SKIPPED_SUFFIXES = (ENTRY_SUFFIX[1:],)  # per-layer entries, read by comfyquant.quant_layers
 
 
+class TensorReader:
+    """Reads tensors of an open file and keeps the last one read: the three parts of a fused qkv are
+    read in a row (one read instead of three), and at most one whole file tensor stays cached."""
+
+    def __init__(self, files: LazyTensors):
+        self.files = files
+        self._key: str | None = None
+        self._tensor: torch.Tensor | None = None
+
+    def read(self, key: str, transform: Transform) -> torch.Tensor:
+        if key != self._key:
+            self._key, self._tensor = None, None  # freed before the next read
+            self._tensor, self._key = self.files.get(key), key
+        assert self._tensor is not None
+        value = transform.apply(self._tensor)
+        if value.untyped_storage().nbytes() > value.nbytes:
+            value = value.clone()  # a part of a fused tensor must not keep the whole alive
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class FileTensor:
+    """A file tensor under its model name, read when its layer is built (shape and dtype from the header)."""
+
+    reader: TensorReader
+    key: str
+    transform: Transform
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def read(self) -> torch.Tensor:
+        return self.reader.read(self.key, self.transform)
+
+
+def read_now(value):
+    """A FileTensor's tensor; anything else as it is."""
+    return value.read() if isinstance(value, FileTensor) else value
+
+
 @dataclasses.dataclass
 class SourceLinear:
-    """What a file holds for one diffusers Linear (after key mapping)."""
+    """What a file holds for one diffusers Linear (after key mapping): weight and bias as FileTensors
+    (or tensors), scales as tensors (small, read at once)."""
 
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
+    weight: FileTensor | torch.Tensor | None = None
+    bias: FileTensor | torch.Tensor | None = None
     weight_scale: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
     full_precision: bool = False  # ComfyUI's full_precision_matrix_mult: never an FP8 matmul, no input scale
@@ -52,17 +93,19 @@ def same_name(key: str) -> list[tuple[str, Transform]]:
 
 
 def gather_tensors(files: LazyTensors, prefix: str, key_targets: Callable[[str], list[tuple[str, Transform]]],
-                   quant: dict[str, LayerQuant] | None = None) -> tuple[dict[str, SourceLinear], dict[str, torch.Tensor], bool]:
+                   quant: dict[str, LayerQuant] | None = None) -> tuple[dict[str, SourceLinear], dict[str, FileTensor], bool]:
     """Map the tensors of ``files`` under ``prefix`` to the model's names (``key_targets`` raises
     KeyError for a key the model does not have); ``quant`` is the file's checked per-layer entries.
 
-    Returns (per-module weight/bias/scales, other tensors by key, weights-only flag).
+    Returns (per-module weight/bias/scales, other tensors by key, weights-only flag). Weights, biases
+    and other tensors are :class:`FileTensor`\ s: nothing big is read here.
     Weights-only is ComfyUI's 2-element ``scaled_fp8`` marker: no FP8 matmul, no input scales.
     """
     full_precision = {layer for layer, q in (quant or {}).items() if q.full_precision}
     modules: dict[str, SourceLinear] = {}
-    others: dict[str, torch.Tensor] = {}
+    others: dict[str, FileTensor] = {}
     weights_only = False
+    reader = TensorReader(files)
     for key in files.keys():
         if not key.startswith(prefix):
             continue  # another component of an all-in-one file
@@ -78,15 +121,18 @@ def gather_tensors(files: LazyTensors, prefix: str, key_targets: Callable[[str],
             targets = key_targets(module + ".weight" if scale_field else name)
         except KeyError:
             raise ModelLoadError(f"{files.header.path}: unexpected tensor {key!r}") from None
-        tensor = files.get(key)
         if scale_field:
-            tensor = tensor.float().reshape(-1) if tensor.numel() > 1 else tensor.float().reshape(())
+            scale = files.get(key)
+            scale = scale.float().reshape(-1) if scale.numel() > 1 else scale.float().reshape(())
+        info = files.header.tensors[key]
         for target, transform in targets:
             module_name, _, field = target.rpartition(".")
-            value = transform.apply(tensor)
             if scale_field:
-                setattr(modules.setdefault(module_name, SourceLinear()), scale_field, value)
-            elif field in ("weight", "bias") and module_name:
+                setattr(modules.setdefault(module_name, SourceLinear()), scale_field, transform.apply(scale))
+                continue
+            shape = info.shape if not info.shape or transform.parts == 1 else (info.shape[0] // transform.parts, *info.shape[1:])
+            value = FileTensor(reader, key, transform, shape, info.dtype)
+            if field in ("weight", "bias") and module_name:
                 source = modules.setdefault(module_name, SourceLinear())
                 setattr(source, field, value)
                 source.full_precision |= field == "weight" and key.removesuffix(".weight") in full_precision
@@ -96,7 +142,7 @@ def gather_tensors(files: LazyTensors, prefix: str, key_targets: Callable[[str],
 
 
 def gather_mmdit_tensors(files: LazyTensors, num_layers: int, quant: dict[str, LayerQuant] | None = None
-                         ) -> tuple[dict[str, SourceLinear], dict[str, torch.Tensor], bool]:
+                         ) -> tuple[dict[str, SourceLinear], dict[str, FileTensor], bool]:
     """Every MMDiT tensor of an original-layout file, under diffusers names."""
     return gather_tensors(files, _mmdit_prefix(files.keys()), lambda key: original_key_to_diffusers(key, num_layers), quant)
 
@@ -122,12 +168,13 @@ class FP8Scheme:
         return cls(policy.layer_filter(component), precision.fp8_format, policy.granularity, own, ActivationScaling.parse(activation))
 
 
-def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict[str, torch.Tensor], dtype: torch.dtype,
+def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict, dtype: torch.dtype,
                 scheme: FP8Scheme | None, path, weights_only: bool = False, fp32_modules: tuple[str, ...] = ()) -> list[str]:
     """Give ``model`` (parameters on meta) its tensors from a file; returns the names of its FP8 linears.
 
     Linears the scheme keeps FP8 become FP8Linear (FP8 bytes of a matching format kept as they are),
     the rest are dequantized/cast to ``dtype`` (modules named in ``fp32_modules`` stay float32).
+    Each file tensor is read when its layer is built and released once converted.
     """
     state: dict[str, torch.Tensor] = {}
     fp8_names = []
@@ -142,6 +189,7 @@ def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict
             raise ModelLoadError(f"{path}: {name}.weight has shape {list(src.weight.shape)}, expected {[module.out_features, module.in_features]}")
         if (src.bias is None) != (module.bias is None):
             raise ModelLoadError(f"{path}: bias of {name!r} is {'missing' if src.bias is None else 'unexpected'}")
+        src = dataclasses.replace(src, weight=read_now(src.weight), bias=read_now(src.bias))  # this layer's tensors only
         if scheme is not None and scheme.keep(name):
             replace_module(model, name, _fp8_layer(name, module, src, scheme, weights_only, dtype, path))
             fp8_names.append(name)
@@ -166,7 +214,8 @@ def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict
             tensor = getattr(src, field)
             if tensor is not None:
                 others[f"{name}.{field}"] = tensor
-    for key, tensor in others.items():
+    for key, value in others.items():
+        tensor = read_now(value)
         state[key] = _checked(tensor.float() if is_fp8(tensor.dtype) else tensor, key, path).to(dtype)
     for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
         if isinstance(target, str) and target not in state and source in state:
