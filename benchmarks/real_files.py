@@ -220,7 +220,9 @@ def cmd_run(args) -> None:
     if "load" in args.parts:  # the same file twice would be cached: FP8 comes from its own file, both cold
         report["load_bf16"] = in_subprocess("load", path=str(src), precision="bf16")
         report["load_fp8"] = in_subprocess("load", path=str(fp8_ckpt), precision="fp8-e4m3")
-        print(json.dumps({k: report[k] for k in ("load_bf16", "load_fp8")}, indent=1), flush=True)
+        # the 16-bit file straight into FP8 (quantized while streaming), against the FP8 file's load
+        report["load_16bit_into_fp8"] = in_subprocess("load", path=str(src), precision="fp8-e4m3")
+        print(json.dumps({k: report[k] for k in ("load_bf16", "load_fp8", "load_16bit_into_fp8")}, indent=1), flush=True)
     if "pipeline" in args.parts:
         report["pipeline_fp8_stages"] = in_subprocess("pipeline", model=str(fp8_dir.parent), tokenizers=str(root / "tokenizers"), t5="fp8",
                                                       offload="stages", size=args.size, steps=1, cfg=args.cfg)
