@@ -98,6 +98,10 @@ def cmd_synth(args) -> None:
     models = root / "models"
     vae = {"first_stage_model." + k: tuple(v.shape) for k, v in ldm_vae_state(channels=(128, 256, 512, 512), layers=2).items()}
     start = time.perf_counter()
+    if args.mmdit_only:  # the load measurements need the transformer alone
+        write_synthetic(models / "checkpoints" / f"sd3.5_{args.variant}.safetensors", mmdit_shapes(args.variant))
+        print(f"wrote {root} in {time.perf_counter() - start:.0f} s")
+        return
     write_synthetic(models / "checkpoints" / f"sd3.5_{args.variant}.safetensors", mmdit_shapes(args.variant) | vae)
     for name, shapes in encoder_shapes().items():
         write_synthetic(models / "text_encoders" / f"{name}.safetensors", shapes)
@@ -240,6 +244,7 @@ def main() -> None:
     p = sub.add_parser("synth")
     p.add_argument("--variant", choices=list(VARIANTS), required=True)
     p.add_argument("--root", required=True)
+    p.add_argument("--mmdit-only", action="store_true", help="the MMDiT alone (no VAE, encoders or tokenizers)")
     p.set_defaults(func=cmd_synth)
     p = sub.add_parser("run")
     p.add_argument("--root", required=True)
