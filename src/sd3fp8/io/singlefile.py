@@ -203,18 +203,7 @@ def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict
         state[name + ".weight"] = _checked(weight, name + ".weight", path).to(own)
         if src.bias is not None:
             state[name + ".bias"] = _checked(src.bias, name + ".bias", path).to(own)
-    module_names = dict(model.named_modules())
-    others = dict(others)
-    for name, src in sources.items():  # convolutions, norms, embeddings: plain tensors
-        if name not in module_names:
-            raise ModelLoadError(f"{path}: tensors for {name!r} match no layer of the detected architecture")
-        if src.weight_scale is not None:  # only linears apply scales: anything else would load wrong by its factor
-            raise ModelLoadError(f"{path}: {name!r} carries a weight scale but is not a linear layer; no loader applies it")
-        for field in ("weight", "bias"):
-            tensor = getattr(src, field)
-            if tensor is not None:
-                others[f"{name}.{field}"] = tensor
-    for key, value in others.items():
+    for key, value in {**others, **_non_linear_tensors(model, sources, path)}.items():
         tensor = read_now(value)
         state[key] = _checked(tensor.float() if is_fp8(tensor.dtype) else tensor, key, path).to(dtype)
     for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
@@ -230,6 +219,22 @@ def materialize(model: nn.Module, sources: dict[str, SourceLinear], others: dict
     if missing or unexpected or still_meta:
         raise ModelLoadError(f"{path}: missing tensors {(missing or still_meta)[:5]}, unexpected {unexpected[:5]}")
     return fp8_names
+
+
+def _non_linear_tensors(model: nn.Module, sources: dict[str, SourceLinear], path) -> dict:
+    """The weights and biases of the modules left in ``sources`` (convolutions, norms, embeddings) by key."""
+    module_names = dict(model.named_modules())
+    out = {}
+    for name, src in sources.items():
+        if name not in module_names:
+            raise ModelLoadError(f"{path}: tensors for {name!r} match no layer of the detected architecture")
+        if src.weight_scale is not None:  # only linears apply scales: anything else would load wrong by its factor
+            raise ModelLoadError(f"{path}: {name!r} carries a weight scale but is not a linear layer; no loader applies it")
+        for field in ("weight", "bias"):
+            tensor = getattr(src, field)
+            if tensor is not None:
+                out[f"{name}.{field}"] = tensor
+    return out
 
 
 def load_mmdit(

@@ -137,15 +137,8 @@ def _decode_b64_image(value):
         raise A1111Error(422, f"init image: {e}", "ValidationError") from None
 
 
-def build_job(api: ImageApi, body: dict, img2img: bool):
-    """(job, init image or None, response settings) for a txt2img / img2img body."""
-    from sd3fp8.errors import ConfigError
-    from sd3fp8.sampling.aliases import parse_sampler_scheduler
-
-    for name, refuse, message in REFUSALS:
-        if name in body and refuse(body[name]):
-            raise refused(message)
-    inventory = api.inventory()
+def _requested_model(api: ImageApi, body: dict) -> str:
+    """override_settings.sd_model_checkpoint, else the server's default model."""
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise A1111Error(422, "override_settings must be an object", "ValidationError")
@@ -158,6 +151,44 @@ def build_job(api: ImageApi, body: dict, img2img: bool):
         model = api.default_model()
         if model is None:
             raise A1111Error(503, "this server has no models", "ServiceUnavailable")
+    return model
+
+
+def _sampler_scheduler(body: dict, inventory) -> tuple[str, str]:
+    from sd3fp8.errors import ConfigError
+    from sd3fp8.sampling.aliases import parse_sampler_scheduler
+
+    sampler_name = body.get("sampler_name") or body.get("sampler_index") or "Euler"
+    try:
+        sampler, scheduler = parse_sampler_scheduler(str(sampler_name), body.get("scheduler") or None)
+    except ConfigError as e:
+        raise A1111Error(422, str(e), "ValidationError") from None
+    scheduler = scheduler or "normal"  # A1111's "Automatic" for SD3 = the model's own schedule
+    if sampler not in inventory.samplers or scheduler not in inventory.schedulers:
+        raise refused(f"sampler {sampler!r} / scheduler {scheduler!r} is not available here; GET /sdapi/v1/samplers and /schedulers")
+    return sampler, scheduler
+
+
+def _init_image(body: dict):
+    """img2img's one init image, decoded; the resize modes we follow."""
+    images = body.get("init_images") or []
+    if not isinstance(images, list) or not images:
+        raise A1111Error(422, "img2img needs init_images (one base64 image)", "ValidationError")
+    if len(images) > 1:
+        raise refused(f"one init image is supported; {len(images)} were sent")
+    init = _decode_b64_image(images[0])
+    if body.get("resize_mode", 0) not in (0, 1):
+        raise refused("resize_mode 0 (just resize) and 1 (crop and resize) are supported")
+    return init
+
+
+def build_job(api: ImageApi, body: dict, img2img: bool):
+    """(job, init image or None) for a txt2img / img2img body."""
+    for name, refuse, message in REFUSALS:
+        if name in body and refuse(body[name]):
+            raise refused(message)
+    inventory = api.inventory()
+    model = _requested_model(api, body)
     defaults = inventory.defaults[model]
     prompt, negative = _text(body, "prompt"), _text(body, "negative_prompt")
     batch = _int(body, "batch_size", 1, 1, MAX_IMAGES)
@@ -170,24 +201,8 @@ def build_job(api: ImageApi, body: dict, img2img: bool):
     seed = _int({"seed": seed}, "seed", 0, 0, 2**64 - 1)
     steps = _int(body, "steps", defaults["steps"], 1, 1000)
     cfg = _float(body, "cfg_scale", float(defaults["cfg"]), 0.0, 100.0)
-    sampler_name = body.get("sampler_name") or body.get("sampler_index") or "Euler"
-    try:
-        sampler, scheduler = parse_sampler_scheduler(str(sampler_name), body.get("scheduler") or None)
-    except ConfigError as e:
-        raise A1111Error(422, str(e), "ValidationError") from None
-    scheduler = scheduler or "normal"  # A1111's "Automatic" for SD3 = the model's own schedule
-    if sampler not in inventory.samplers or scheduler not in inventory.schedulers:
-        raise refused(f"sampler {sampler!r} / scheduler {scheduler!r} is not available here; GET /sdapi/v1/samplers and /schedulers")
-    init = None
-    if img2img:
-        images = body.get("init_images") or []
-        if not isinstance(images, list) or not images:
-            raise A1111Error(422, "img2img needs init_images (one base64 image)", "ValidationError")
-        if len(images) > 1:
-            raise refused(f"one init image is supported; {len(images)} were sent")
-        init = _decode_b64_image(images[0])
-        if body.get("resize_mode", 0) not in (0, 1):
-            raise refused("resize_mode 0 (just resize) and 1 (crop and resize) are supported")
+    sampler, scheduler = _sampler_scheduler(body, inventory)
+    init = _init_image(body) if img2img else None
     if img2img and body.get("width") is None and body.get("height") is None:
         width, height = aspect_size(*init.size, defaults["width"], defaults["height"])
     else:
