@@ -211,3 +211,78 @@ def test_a_16_bit_file_loads_into_fp8_one_tensor_at_a_time(tmp_path, reference, 
     total = sum(info.nbytes for info in header.tensors.values())
     assert fp8_names and total > kept + 4 * largest  # the bound below tells streaming from a full read
     assert peak[0] <= kept + 2 * largest, (peak[0], kept, largest, total)
+
+
+@pytest.mark.parametrize("shard_size", [None, "150KB"])
+def test_a_diffusers_transformer_folder_streams_into_fp8(tmp_path, reference, monkeypatch, shard_size):
+    """A diffusers transformer/ folder (one file or shards) loads into FP8 exactly as quantizing the
+    16-bit model in memory does, holding no more than the single-file path does."""
+    import itertools
+    import weakref
+
+    from sd3fp8.fp8.linear import Backend
+    from sd3fp8.io.checkpoint import LazyTensors
+    from sd3fp8.io.singlefile import FP8Scheme, folder_weight_files, load_folder_mmdit
+
+    model, _ = reference
+    folder = tmp_path / "transformer"
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {}))
+    model.float()
+    files = folder_weight_files(folder)
+    assert (len(files) > 2) == bool(shard_size)
+    live: dict[int, int] = {}
+    peak, tokens, real_get = [0], itertools.count(), LazyTensors.get
+
+    def counting_get(self, name):
+        tensor = real_get(self, name)
+        token = next(tokens)
+        live[token] = tensor.numel() * tensor.element_size()
+        weakref.finalize(tensor, live.pop, token, None)
+        peak[0] = max(peak[0], sum(live.values()))
+        return tensor
+
+    monkeypatch.setattr(LazyTensors, "get", counting_get)
+    scheme = FP8Scheme.from_policy(Policy(), "transformer", Backend.WEIGHT_ONLY, "tensor")
+    loaded, fp8_names = load_folder_mmdit(folder, scheme, torch.bfloat16)
+    monkeypatch.undo()
+    expected = SD3Transformer2DModel(**tiny_config()).eval()
+    expected.load_state_dict(model.state_dict())
+    expected.to(torch.bfloat16)
+    names = quantize_linears(expected, Policy().layer_filter("transformer"), backend="weight-only")
+    assert fp8_names == names
+    assert_same_state(loaded, expected)
+    kept = sum(t.numel() * t.element_size() for t in [*loaded.parameters(), *loaded.buffers()] if t.dtype == torch.bfloat16)
+    largest = max(p.numel() * p.element_size() for p in model.to(torch.bfloat16).parameters())
+    model.float()
+    assert peak[0] <= kept + 2 * largest, (peak[0], kept, largest)
+
+
+def test_a_shard_index_naming_files_elsewhere_is_refused(tmp_path):
+    from sd3fp8.io.singlefile import folder_weight_files
+
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../secret.safetensors"}}))
+    with pytest.raises(ModelLoadError, match=r"shard '\.\./secret\.safetensors' is not a \.safetensors file in"):
+        folder_weight_files(folder)
+    with pytest.raises(ModelLoadError, match="no diffusion_pytorch_model.safetensors and no"):
+        folder_weight_files(tmp_path)
+
+
+def test_load_transformer_takes_a_single_file_a_transformer_folder_and_a_pipeline_folder(tmp_path, reference, tiny_model):
+    """sd3fp8.load_transformer: the public entry point for the MMDiT alone, the same FP8 model from
+    each kind of source."""
+    from sd3fp8 import load_transformer
+
+    model, original = reference
+    single = load_transformer(save(tmp_path, original), device="cpu", dtype="fp32")
+    model.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    folder = load_transformer(tmp_path / "transformer", device="cpu", dtype="fp32")
+    assert_same_state(single, folder)
+    assert sum(isinstance(m, FP8Linear) for m in single.modules()) > 10
+    bf16 = load_transformer(tmp_path / "transformer", Policy(transformer="bf16"), device="cpu")
+    assert not any(isinstance(m, FP8Linear) for m in bf16.modules()) and next(bf16.parameters()).dtype == torch.bfloat16
+    pipeline_folder = load_transformer(tiny_model, device="cpu", dtype="fp32")
+    assert any(isinstance(m, FP8Linear) for m in pipeline_folder.modules())
+    with pytest.raises(ModelLoadError):
+        load_transformer(tmp_path / "nothing-here", device="cpu")

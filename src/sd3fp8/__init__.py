@@ -36,6 +36,7 @@ _EXPORTS = {
     "GenerationResult": "sd3fp8.engine.pipeline",
     "QuantizeOptions": "sd3fp8.io.quantize",
     "quantize_file": "sd3fp8.io.quantize",
+    "load_transformer": "sd3fp8.io.loading",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,7 +15,7 @@ from sd3fp8.fp8.swap import quantize_linears
 from sd3fp8.io.checkpoint import read_header
 from sd3fp8.io.components import load_clip, load_t5, load_vae
 from sd3fp8.io.folders import check_component_folder
-from sd3fp8.io.singlefile import FP8Scheme, load_mmdit
+from sd3fp8.io.singlefile import FP8Scheme, load_folder_mmdit, load_mmdit
 from sd3fp8.io.sources import ModelSources
 from sd3fp8.policy import Policy, Precision
 
@@ -81,7 +81,10 @@ def load_component(name: str, sources: ModelSources, policy: Policy, settings: L
     dtype = policy.precision(name).storage_dtype(settings.compute_dtype)
     scheme = FP8Scheme.from_policy(policy, name, settings.backend, settings.activation)
     source = sources.files.get(name)
-    if source is None:
+    if source is None and name == "transformer" and scheme is not None:  # streamed into FP8, one tensor at a time
+        check_component_folder(sources.folder / name)
+        module, names = load_folder_mmdit(sources.folder / name, scheme, dtype)
+    elif source is None:
         module = _from_folder(name, sources, dtype)
         names = []
         if scheme is not None:
@@ -131,3 +134,37 @@ def load_scheduler(sources: ModelSources):
         check_component_folder(sources.folder / "scheduler")
         return _quiet_from_pretrained(FlowMatchEulerDiscreteScheduler.from_pretrained, sources.folder, subfolder="scheduler")
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3 / SD3.5's scheduler
+
+
+def load_transformer(path, policy: Policy | None = None, device: str | None = None, dtype: str | None = None,
+                     backend: str = "auto") -> torch.nn.Module:
+    """The SD3/SD3.5 MMDiT alone (an ``SD3Transformer2DModel``), stored as ``policy`` says (default:
+    FP8 E4M3 linears, per-channel scales), for users who build their own pipelines; like diffusers'
+    ``from_single_file``. ``path``: an original-layout single file (16-bit, FP8 or ComfyUI's
+    formats), a diffusers ``transformer/`` folder (one file or shards), or a diffusers pipeline
+    folder. 16-bit weights are quantized as they are read: the 16-bit model is never in memory.
+    ``device``/``dtype``: as ``RuntimeConfig`` takes them (default ``auto``)."""
+    from pathlib import Path
+
+    from sd3fp8.fp8.linear import resolve_backend
+    from sd3fp8.runtime import resolve_compute_dtype, resolve_device
+
+    policy = policy or Policy()
+    run_on = resolve_device(device or "auto")
+    storage = policy.transformer.storage_dtype(resolve_compute_dtype(dtype or "auto", run_on, policy.transformer))
+    resolved = resolve_backend(backend, run_on)
+    path = Path(path)
+    if path.is_file():
+        module, _, _ = load_mmdit(path, policy, storage, run_on, resolved)
+        return module.to(run_on).eval()
+    folder = path / "transformer" if (path / "model_index.json").is_file() else path
+    check_component_folder(folder)
+    scheme = FP8Scheme.from_policy(policy, "transformer", resolved, ActivationScaling.TENSOR)
+    if scheme is not None:
+        module, _ = load_folder_mmdit(folder, scheme, storage)
+    else:
+        from diffusers import SD3Transformer2DModel
+
+        module = _quiet_from_pretrained(SD3Transformer2DModel.from_pretrained, folder, torch_dtype=storage, local_files_only=True,
+                                        use_safetensors=True)
+    return module.to(run_on).eval()

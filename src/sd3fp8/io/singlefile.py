@@ -9,8 +9,10 @@ dequantized; 16/32-bit weights the policy wants in FP8 are quantized as they are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,18 +35,18 @@ SKIPPED_SUFFIXES = (ENTRY_SUFFIX[1:],)  # per-layer entries, read by comfyquant.
 
 
 class TensorReader:
-    """Reads tensors of an open file and keeps the last one read: the three parts of a fused qkv are
-    read in a row (one read instead of three), and at most one whole file tensor stays cached."""
+    """Reads tensors of open files and keeps the last one read: the three parts of a fused qkv are
+    read in a row (one read instead of three), and at most one whole file tensor stays cached (one
+    reader for all the shards of a model)."""
 
-    def __init__(self, files: LazyTensors):
-        self.files = files
-        self._key: str | None = None
+    def __init__(self):
+        self._key: tuple | None = None
         self._tensor: torch.Tensor | None = None
 
-    def read(self, key: str, transform: Transform) -> torch.Tensor:
-        if key != self._key:
+    def read(self, files: LazyTensors, key: str, transform: Transform) -> torch.Tensor:
+        if (id(files), key) != self._key:
             self._key, self._tensor = None, None  # freed before the next read
-            self._tensor, self._key = self.files.get(key), key
+            self._tensor, self._key = files.get(key), (id(files), key)
         assert self._tensor is not None
         value = transform.apply(self._tensor)
         if value.untyped_storage().nbytes() > value.nbytes:
@@ -57,13 +59,14 @@ class FileTensor:
     """A file tensor under its model name, read when its layer is built (shape and dtype from the header)."""
 
     reader: TensorReader
+    files: LazyTensors
     key: str
     transform: Transform
     shape: tuple[int, ...]
     dtype: torch.dtype
 
     def read(self) -> torch.Tensor:
-        return self.reader.read(self.key, self.transform)
+        return self.reader.read(self.files, self.key, self.transform)
 
 
 def read_now(value):
@@ -93,7 +96,8 @@ def same_name(key: str) -> list[tuple[str, Transform]]:
 
 
 def gather_tensors(files: LazyTensors, prefix: str, key_targets: Callable[[str], list[tuple[str, Transform]]],
-                   quant: dict[str, LayerQuant] | None = None) -> tuple[dict[str, SourceLinear], dict[str, FileTensor], bool]:
+                   quant: dict[str, LayerQuant] | None = None, reader: TensorReader | None = None
+                   ) -> tuple[dict[str, SourceLinear], dict[str, FileTensor], bool]:
     """Map the tensors of ``files`` under ``prefix`` to the model's names (``key_targets`` raises
     KeyError for a key the model does not have); ``quant`` is the file's checked per-layer entries.
 
@@ -105,7 +109,7 @@ def gather_tensors(files: LazyTensors, prefix: str, key_targets: Callable[[str],
     modules: dict[str, SourceLinear] = {}
     others: dict[str, FileTensor] = {}
     weights_only = False
-    reader = TensorReader(files)
+    reader = reader or TensorReader()
     for key in files.keys():
         if not key.startswith(prefix):
             continue  # another component of an all-in-one file
@@ -131,7 +135,7 @@ def gather_tensors(files: LazyTensors, prefix: str, key_targets: Callable[[str],
                 setattr(modules.setdefault(module_name, SourceLinear()), scale_field, transform.apply(scale))
                 continue
             shape = info.shape if not info.shape or transform.parts == 1 else (info.shape[0] // transform.parts, *info.shape[1:])
-            value = FileTensor(reader, key, transform, shape, info.dtype)
+            value = FileTensor(reader, files, key, transform, shape, info.dtype)
             if field in ("weight", "bias") and module_name:
                 source = modules.setdefault(module_name, SourceLinear())
                 setattr(source, field, value)
@@ -260,6 +264,58 @@ def load_mmdit(
         scheme = FP8Scheme.from_policy(policy, "transformer", resolve_backend(backend, device, force_fp8), activation)
         fp8_names = materialize(model, sources, others, compute_dtype, scheme, path, weights_only)
     return model.eval(), fp8_names, detection
+
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def folder_weight_files(folder: Path) -> list[Path]:
+    """A diffusers component folder's safetensors: one file, or the shards its index names."""
+    from sd3fp8.io.safe_read import read_json
+
+    if (folder / WEIGHTS_FILE).is_file():
+        return [folder / WEIGHTS_FILE]
+    index = folder / (WEIGHTS_FILE + ".index.json")
+    if not index.is_file():
+        raise ModelLoadError(f"{folder}: no {WEIGHTS_FILE} and no {index.name}")
+    content = read_json(index, "shard index")
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index}: expected a 'weight_map' object naming the shards")
+    names = sorted({str(v) for v in weight_map.values()})
+    bad = [n for n in names if Path(n).name != n or not n.endswith(".safetensors") or not (folder / n).is_file()]
+    if bad:
+        raise ModelLoadError(f"{index}: shard {bad[0]!r} is not a .safetensors file in {folder}")
+    return [folder / n for n in names]
+
+
+def load_folder_mmdit(folder: Path, scheme: FP8Scheme, compute_dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
+    """The SD3Transformer2DModel of a diffusers ``transformer/`` folder (one file or shards), built on
+    meta and filled one tensor at a time, its FP8 layers quantized as they are read: the 16-bit model
+    never exists, as with single files."""
+    from diffusers import SD3Transformer2DModel
+
+    config = SD3Transformer2DModel.load_config(folder, local_files_only=True)
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(config)
+    with contextlib.ExitStack() as stack:
+        modules: dict[str, SourceLinear] = {}
+        others: dict[str, FileTensor] = {}
+        weights_only = False
+        reader = TensorReader()
+        for path in folder_weight_files(folder):
+            files = stack.enter_context(LazyTensors(path))
+            shard_modules, shard_others, shard_weights_only = gather_tensors(files, "", same_name, quant_layers(files), reader)
+            for name, src in shard_modules.items():  # a layer's weight and bias may sit in different shards
+                merged = modules.setdefault(name, SourceLinear())
+                for field in dataclasses.fields(SourceLinear):
+                    value = getattr(src, field.name)
+                    if value is not None and value is not False:
+                        setattr(merged, field.name, value)
+            others.update(shard_others)
+            weights_only |= shard_weights_only
+        fp8_names = materialize(model, modules, others, compute_dtype, scheme, folder, weights_only)
+    return model.eval(), fp8_names
 
 
 def _checked(tensor: torch.Tensor, name: str, path) -> torch.Tensor:
