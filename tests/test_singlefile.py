@@ -224,10 +224,11 @@ def test_a_diffusers_transformer_folder_streams_into_fp8(tmp_path, reference, mo
     from sd3fp8.io.checkpoint import LazyTensors
     from sd3fp8.io.singlefile import FP8Scheme, folder_weight_files, load_folder_mmdit
 
-    model, _ = reference
+    import copy
+
+    model = copy.deepcopy(reference[0]).to(torch.bfloat16)  # the module's reference stays float32
     folder = tmp_path / "transformer"
-    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {}))
-    model.float()
+    model.save_pretrained(folder, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {}))
     files = folder_weight_files(folder)
     assert (len(files) > 2) == bool(shard_size)
     live: dict[int, int] = {}
@@ -245,15 +246,13 @@ def test_a_diffusers_transformer_folder_streams_into_fp8(tmp_path, reference, mo
     scheme = FP8Scheme.from_policy(Policy(), "transformer", Backend.WEIGHT_ONLY, "tensor")
     loaded, fp8_names = load_folder_mmdit(folder, scheme, torch.bfloat16)
     monkeypatch.undo()
-    expected = SD3Transformer2DModel(**tiny_config()).eval()
+    expected = SD3Transformer2DModel(**tiny_config()).eval().to(torch.bfloat16)
     expected.load_state_dict(model.state_dict())
-    expected.to(torch.bfloat16)
     names = quantize_linears(expected, Policy().layer_filter("transformer"), backend="weight-only")
     assert fp8_names == names
     assert_same_state(loaded, expected)
     kept = sum(t.numel() * t.element_size() for t in [*loaded.parameters(), *loaded.buffers()] if t.dtype == torch.bfloat16)
-    largest = max(p.numel() * p.element_size() for p in model.to(torch.bfloat16).parameters())
-    model.float()
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
     assert peak[0] <= kept + 2 * largest, (peak[0], kept, largest)
 
 
@@ -286,3 +285,21 @@ def test_load_transformer_takes_a_single_file_a_transformer_folder_and_a_pipelin
     assert any(isinstance(m, FP8Linear) for m in pipeline_folder.modules())
     with pytest.raises(ModelLoadError):
         load_transformer(tmp_path / "nothing-here", device="cpu")
+
+
+def test_a_t5_folder_streams_into_fp8_as_quantizing_it_in_memory_does(tiny_model):
+    from transformers import T5EncoderModel
+
+    from sd3fp8.fp8.linear import Backend
+    from sd3fp8.io.components import load_folder_t5
+    from sd3fp8.io.singlefile import FP8Scheme
+
+    policy = Policy(text_encoder_3="fp8")
+    scheme = FP8Scheme.from_policy(policy, "text_encoder_3", Backend.WEIGHT_ONLY, "tensor")
+    loaded, names = load_folder_t5(tiny_model / "text_encoder_3", scheme, torch.float32)
+    expected = T5EncoderModel.from_pretrained(tiny_model / "text_encoder_3", torch_dtype=torch.float32, local_files_only=True).eval()
+    assert names == quantize_linears(expected, policy.layer_filter("text_encoder_3"), backend="weight-only") and names
+    assert_same_state(loaded, expected)
+    ids = torch.tensor([[3, 5, 7, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).last_hidden_state, expected(ids).last_hidden_state, rtol=0, atol=1e-6)

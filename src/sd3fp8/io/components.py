@@ -19,7 +19,7 @@ from sd3fp8.errors import ModelLoadError
 from sd3fp8.fp8.numerics import all_finite
 from sd3fp8.io.checkpoint import LazyTensors
 from sd3fp8.io.comfyquant import quant_layers
-from sd3fp8.io.singlefile import FP8Scheme, gather_tensors, materialize, same_name
+from sd3fp8.io.singlefile import FP8Scheme, gather_folder, gather_tensors, materialize, same_name
 
 HEAD_DIM = 64  # CLIP-L (768 = 12 x 64), CLIP-G (1280 = 20 x 64)
 VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR = 1.5305, 0.0609  # SD3's latent normalisation (not in the weights)
@@ -156,6 +156,21 @@ def load_t5(source: FileSource, dtype: torch.dtype, scheme: FP8Scheme | None):
         modules, others, weights_only = gather_tensors(files, source.prefix, same_name, quant)
         fp32 = ("wo",) if dtype in (torch.float16, torch.bfloat16) else ()
         names = materialize(model, modules, others, dtype, scheme, source.path, weights_only, fp32_modules=fp32)
+    return model.eval(), names
+
+
+def load_folder_t5(folder: Path, scheme: FP8Scheme, dtype: torch.dtype):
+    """T5EncoderModel from a transformers folder (``model.safetensors`` or shards), its FP8 layers
+    quantized as they are read (never the 16-bit model in memory); ``wo`` float32 beside 16 bit."""
+    import contextlib
+
+    from transformers import T5Config, T5EncoderModel
+
+    model = _empty(T5EncoderModel, T5Config.from_pretrained(folder, local_files_only=True))
+    fp32 = ("wo",) if dtype in (torch.float16, torch.bfloat16) else ()
+    with contextlib.ExitStack() as stack:
+        modules, others, weights_only = gather_folder(stack, folder, "model.safetensors")
+        names = materialize(model, modules, others, dtype, scheme, folder, weights_only, fp32_modules=fp32)
     return model.eval(), names
 
 

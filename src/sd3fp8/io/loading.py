@@ -13,7 +13,7 @@ from sd3fp8.fp8.linear import ActivationScaling, Backend
 from sd3fp8.fp8.numerics import is_fp8
 from sd3fp8.fp8.swap import quantize_linears
 from sd3fp8.io.checkpoint import read_header
-from sd3fp8.io.components import load_clip, load_t5, load_vae
+from sd3fp8.io.components import load_clip, load_folder_t5, load_t5, load_vae
 from sd3fp8.io.folders import check_component_folder
 from sd3fp8.io.singlefile import FP8Scheme, load_folder_mmdit, load_mmdit
 from sd3fp8.io.sources import ModelSources
@@ -81,9 +81,10 @@ def load_component(name: str, sources: ModelSources, policy: Policy, settings: L
     dtype = policy.precision(name).storage_dtype(settings.compute_dtype)
     scheme = FP8Scheme.from_policy(policy, name, settings.backend, settings.activation)
     source = sources.files.get(name)
-    if source is None and name == "transformer" and scheme is not None:  # streamed into FP8, one tensor at a time
+    if source is None and name in ("transformer", "text_encoder_3") and scheme is not None:  # streamed into FP8
         check_component_folder(sources.folder / name)
-        module, names = load_folder_mmdit(sources.folder / name, scheme, dtype)
+        load = load_folder_mmdit if name == "transformer" else load_folder_t5
+        module, names = load(sources.folder / name, scheme, dtype)
     elif source is None:
         module = _from_folder(name, sources, dtype)
         names = []

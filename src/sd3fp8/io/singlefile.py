@@ -269,15 +269,16 @@ def load_mmdit(
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
-def folder_weight_files(folder: Path) -> list[Path]:
-    """A diffusers component folder's safetensors: one file, or the shards its index names."""
+def folder_weight_files(folder: Path, weights_file: str = WEIGHTS_FILE) -> list[Path]:
+    """A diffusers or transformers component folder's safetensors (``weights_file``: diffusers'
+    name, or transformers' ``model.safetensors``): one file, or the shards its index names."""
     from sd3fp8.io.safe_read import read_json
 
-    if (folder / WEIGHTS_FILE).is_file():
-        return [folder / WEIGHTS_FILE]
-    index = folder / (WEIGHTS_FILE + ".index.json")
+    if (folder / weights_file).is_file():
+        return [folder / weights_file]
+    index = folder / (weights_file + ".index.json")
     if not index.is_file():
-        raise ModelLoadError(f"{folder}: no {WEIGHTS_FILE} and no {index.name}")
+        raise ModelLoadError(f"{folder}: no {weights_file} and no {index.name}")
     content = read_json(index, "shard index")
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -299,23 +300,31 @@ def load_folder_mmdit(folder: Path, scheme: FP8Scheme, compute_dtype: torch.dtyp
     with torch.device("meta"):
         model = SD3Transformer2DModel.from_config(config)
     with contextlib.ExitStack() as stack:
-        modules: dict[str, SourceLinear] = {}
-        others: dict[str, FileTensor] = {}
-        weights_only = False
-        reader = TensorReader()
-        for path in folder_weight_files(folder):
-            files = stack.enter_context(LazyTensors(path))
-            shard_modules, shard_others, shard_weights_only = gather_tensors(files, "", same_name, quant_layers(files), reader)
-            for name, src in shard_modules.items():  # a layer's weight and bias may sit in different shards
-                merged = modules.setdefault(name, SourceLinear())
-                for field in dataclasses.fields(SourceLinear):
-                    value = getattr(src, field.name)
-                    if value is not None and value is not False:
-                        setattr(merged, field.name, value)
-            others.update(shard_others)
-            weights_only |= shard_weights_only
+        modules, others, weights_only = gather_folder(stack, folder, WEIGHTS_FILE)
         fp8_names = materialize(model, modules, others, compute_dtype, scheme, folder, weights_only)
     return model.eval(), fp8_names
+
+
+def gather_folder(stack: contextlib.ExitStack, folder: Path, weights_file: str
+                  ) -> tuple[dict[str, SourceLinear], dict[str, FileTensor], bool]:
+    """gather_tensors over every safetensors file of a folder (opened on ``stack``: they must stay
+    open until the model is materialized), with one reader cache for all of them."""
+    modules: dict[str, SourceLinear] = {}
+    others: dict[str, FileTensor] = {}
+    weights_only = False
+    reader = TensorReader()
+    for path in folder_weight_files(folder, weights_file):
+        files = stack.enter_context(LazyTensors(path))
+        shard_modules, shard_others, shard_weights_only = gather_tensors(files, "", same_name, quant_layers(files), reader)
+        for name, src in shard_modules.items():  # a layer's weight and bias may sit in different shards
+            merged = modules.setdefault(name, SourceLinear())
+            for field in dataclasses.fields(SourceLinear):
+                value = getattr(src, field.name)
+                if value is not None and value is not False:
+                    setattr(merged, field.name, value)
+        others.update(shard_others)
+        weights_only |= shard_weights_only
+    return modules, others, weights_only
 
 
 def _checked(tensor: torch.Tensor, name: str, path) -> torch.Tensor:
