@@ -217,14 +217,13 @@ def test_a_16_bit_file_loads_into_fp8_one_tensor_at_a_time(tmp_path, reference, 
 def test_a_diffusers_transformer_folder_streams_into_fp8(tmp_path, reference, monkeypatch, shard_size):
     """A diffusers transformer/ folder (one file or shards) loads into FP8 exactly as quantizing the
     16-bit model in memory does, holding no more than the single-file path does."""
+    import copy
     import itertools
     import weakref
 
     from sd3fp8.fp8.linear import Backend
     from sd3fp8.io.checkpoint import LazyTensors
     from sd3fp8.io.singlefile import FP8Scheme, folder_weight_files, load_folder_mmdit
-
-    import copy
 
     model = copy.deepcopy(reference[0]).to(torch.bfloat16)  # the module's reference stays float32
     folder = tmp_path / "transformer"
