@@ -1,12 +1,14 @@
-"""Build an SD3Transformer2DModel from an original-layout single file, in any precision it holds.
+"""Build models from safetensors files, one tensor at a time: the SD3Transformer2DModel of an
+original-layout single file or a diffusers ``transformer/`` folder (sharded too), and (through
+io/components.py) CLIP and T5, in any precision the files hold.
 
 The model is built on the ``meta`` device and real tensors are assigned (never allocated twice);
-file tensors are read one at a time, when their layer is built (:class:`FileTensor`), so loading a
-16-bit file into FP8 holds the FP8 model plus one 16-bit tensor, never the file's state dict. FP8 weights that the policy keeps FP8 stay byte-identical
-(a fused ``qkv`` is split with its shared scale); FP8 weights the policy wants in 16 bit are
-dequantized; 16/32-bit weights the policy wants in FP8 are quantized as they are read.
+each file tensor is read when its layer is built (:class:`FileTensor`), so loading a 16-bit file
+into FP8 holds the FP8 model plus one 16-bit tensor, never the file's state dict. FP8 weights that
+the policy keeps FP8 stay byte-identical (a fused ``qkv`` is split with its shared scale); FP8
+weights the policy wants in 16 bit are dequantized; 16/32-bit weights the policy wants in FP8 are
+quantized as they are read.
 """
-
 from __future__ import annotations
 
 import contextlib
