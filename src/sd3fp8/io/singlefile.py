@@ -9,6 +9,7 @@ the policy keeps FP8 stay byte-identical (a fused ``qkv`` is split with its shar
 weights the policy wants in 16 bit are dequantized; 16/32-bit weights the policy wants in FP8 are
 quantized as they are read.
 """
+
 from __future__ import annotations
 
 import contextlib
