@@ -238,16 +238,22 @@ def info(job: ImageJob) -> dict:
     }
 
 
+async def _json_body(request: Request) -> dict:
+    """The request's JSON object (an empty body is {}); A1111Error 422 otherwise."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise A1111Error(422, f"the body is not valid JSON: {e}", "ValidationError") from None
+    if not isinstance(body, dict):
+        raise A1111Error(422, "the body must be a JSON object", "ValidationError")
+    return body
+
+
 async def _generate(request: Request, img2img: bool):
     api = api_of(request)
     try:
-        raw = await request.body()
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise A1111Error(422, f"the body is not valid JSON: {e}", "ValidationError") from None
-        if not isinstance(body, dict):
-            raise A1111Error(422, "the body must be a JSON object", "ValidationError")
+        body = await _json_body(request)
         job, init = await asyncio.to_thread(build_job, api, body, img2img)
         result = await api.generate(job, request)
         if isinstance(result, Failed):
@@ -294,13 +300,7 @@ async def get_options(request: Request):
 async def set_options(request: Request):
     api = api_of(request)
     try:
-        raw = await request.body()
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise A1111Error(422, f"the body is not valid JSON: {e}", "ValidationError") from None
-        if not isinstance(body, dict):
-            raise A1111Error(422, "the body must be a JSON object", "ValidationError")
+        body = await _json_body(request)
         if body.get("sd_model_checkpoint"):
             model = api.find_model(str(body["sd_model_checkpoint"]))
             if model is None:
