@@ -38,6 +38,33 @@ def save(tmp_path, tensors, name="m.safetensors", metadata=None):
     return path
 
 
+@pytest.fixture
+def live_file_bytes(monkeypatch):
+    """Start counting the bytes of tensors read from files (LazyTensors.get) that are still alive;
+    returns a function giving the peak of that count so far."""
+    import itertools
+    import weakref
+
+    from sd3fp8.io.checkpoint import LazyTensors
+
+    def start():
+        live: dict[int, int] = {}
+        peak, tokens, real_get = [0], itertools.count(), LazyTensors.get
+
+        def counting_get(self, name):
+            tensor = real_get(self, name)
+            token = next(tokens)
+            live[token] = tensor.numel() * tensor.element_size()
+            weakref.finalize(tensor, live.pop, token, None)
+            peak[0] = max(peak[0], sum(live.values()))
+            return tensor
+
+        monkeypatch.setattr(LazyTensors, "get", counting_get)
+        return lambda: peak[0]
+
+    return start
+
+
 def out(model, config):
     with torch.no_grad():
         return model(**inputs(config)).sample
@@ -179,50 +206,32 @@ def test_pipeline_takes_its_transformer_from_a_single_file(tiny_model, tmp_path)
     assert 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12)) > 38
 
 
-def test_a_16_bit_file_loads_into_fp8_one_tensor_at_a_time(tmp_path, reference, monkeypatch):
+def test_a_16_bit_file_loads_into_fp8_one_tensor_at_a_time(tmp_path, reference, live_file_bytes):
     """Loading streams: at no moment do the tensors read from the file and still alive exceed what
     the finished model keeps in 16 bit plus two of the file's largest tensors (a fused qkv cached for
     its three parts, and the part being quantized). Reading the whole state dict first, as loading
     once did, holds every 16-bit linear weight at once and fails this."""
-    import itertools
-    import weakref
+    from sd3fp8.io.checkpoint import read_header
 
-    from sd3fp8.io.checkpoint import LazyTensors, read_header
-
-    model, original = reference
+    _, original = reference
     path = save(tmp_path, {k: v.to(torch.bfloat16) for k, v in original.items()})
-    live: dict[int, int] = {}
-    peak, tokens = [0], itertools.count()
-    real_get = LazyTensors.get
-
-    def counting_get(self, name):
-        tensor = real_get(self, name)
-        token = next(tokens)
-        live[token] = tensor.numel() * tensor.element_size()
-        weakref.finalize(tensor, live.pop, token, None)
-        peak[0] = max(peak[0], sum(live.values()))
-        return tensor
-
-    monkeypatch.setattr(LazyTensors, "get", counting_get)
+    peak = live_file_bytes()
     loaded, fp8_names, _ = load_mmdit(path, Policy(), torch.bfloat16)
     kept = sum(t.numel() * t.element_size() for t in [*loaded.parameters(), *loaded.buffers()] if t.dtype == torch.bfloat16)
     header = read_header(path)
     largest = max(info.nbytes for info in header.tensors.values())
     total = sum(info.nbytes for info in header.tensors.values())
     assert fp8_names and total > kept + 4 * largest  # the bound below tells streaming from a full read
-    assert peak[0] <= kept + 2 * largest, (peak[0], kept, largest, total)
+    assert peak() <= kept + 2 * largest, (peak(), kept, largest, total)
 
 
 @pytest.mark.parametrize("shard_size", [None, "150KB"])
-def test_a_diffusers_transformer_folder_streams_into_fp8(tmp_path, reference, monkeypatch, shard_size):
+def test_a_diffusers_transformer_folder_streams_into_fp8(tmp_path, reference, live_file_bytes, shard_size):
     """A diffusers transformer/ folder (one file or shards) loads into FP8 exactly as quantizing the
     16-bit model in memory does, holding no more than the single-file path does."""
     import copy
-    import itertools
-    import weakref
 
     from sd3fp8.fp8.linear import Backend
-    from sd3fp8.io.checkpoint import LazyTensors
     from sd3fp8.io.singlefile import FP8Scheme, folder_weight_files, load_folder_mmdit
 
     model = copy.deepcopy(reference[0]).to(torch.bfloat16)  # the module's reference stays float32
@@ -230,21 +239,9 @@ def test_a_diffusers_transformer_folder_streams_into_fp8(tmp_path, reference, mo
     model.save_pretrained(folder, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {}))
     files = folder_weight_files(folder)
     assert (len(files) > 2) == bool(shard_size)
-    live: dict[int, int] = {}
-    peak, tokens, real_get = [0], itertools.count(), LazyTensors.get
-
-    def counting_get(self, name):
-        tensor = real_get(self, name)
-        token = next(tokens)
-        live[token] = tensor.numel() * tensor.element_size()
-        weakref.finalize(tensor, live.pop, token, None)
-        peak[0] = max(peak[0], sum(live.values()))
-        return tensor
-
-    monkeypatch.setattr(LazyTensors, "get", counting_get)
+    peak = live_file_bytes()
     scheme = FP8Scheme.from_policy(Policy(), "transformer", Backend.WEIGHT_ONLY, "tensor")
     loaded, fp8_names = load_folder_mmdit(folder, scheme, torch.bfloat16)
-    monkeypatch.undo()
     expected = SD3Transformer2DModel(**tiny_config()).eval().to(torch.bfloat16)
     expected.load_state_dict(model.state_dict())
     names = quantize_linears(expected, Policy().layer_filter("transformer"), backend="weight-only")
@@ -252,7 +249,7 @@ def test_a_diffusers_transformer_folder_streams_into_fp8(tmp_path, reference, mo
     assert_same_state(loaded, expected)
     kept = sum(t.numel() * t.element_size() for t in [*loaded.parameters(), *loaded.buffers()] if t.dtype == torch.bfloat16)
     largest = max(p.numel() * p.element_size() for p in model.parameters())
-    assert peak[0] <= kept + 2 * largest, (peak[0], kept, largest)
+    assert peak() <= kept + 2 * largest, (peak(), kept, largest)
 
 
 def test_a_shard_index_naming_files_elsewhere_is_refused(tmp_path):
